@@ -1,0 +1,25 @@
+"""Pre-norm transformer block with the TransformerLens residual hook vocabulary:
+resid_pre -> ln1 -> attn -> hook_attn_out -> resid_mid -> ln2 -> mlp -> hook_mlp_out -> resid_post."""
+from __future__ import annotations
+
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, ln1: nn.Module, attn: nn.Module, ln2: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], rotary: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None
+    ) -> Float[Tensor, "batch pos d_model"]:
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x), rotary, mask)))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))

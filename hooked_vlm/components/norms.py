@@ -1,0 +1,49 @@
+"""RMSNorm and LayerNorm with TransformerLens hook conventions.
+
+`hook_scale` is sqrt(mean(x^2) + eps) (LayerNorm: sqrt(var + eps)) with shape [..., 1], and
+`hook_normalized` is x / scale BEFORE the learned weight, as in TransformerLens. Both norms compute in
+float32 and cast back before the weight, matching Hugging Face's Qwen2/Llama RMSNorm in bf16.
+"""
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d))
+        self.hook_scale = HookPoint()  # [..., 1]
+        self.hook_normalized = HookPoint()  # [..., d]
+
+    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        dtype = x.dtype
+        x = x.float()
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        x = self.hook_normalized(x / scale).to(dtype)
+        return self.w * x
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d))
+        self.b = nn.Parameter(torch.zeros(d))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        dtype = x.dtype
+        x = x.float()
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        x = self.hook_normalized(x / scale)
+        return (x * self.w.float() + self.b.float()).to(dtype)
+
+
+NORMS = {"RMS": RMSNorm, "LN": LayerNorm}

@@ -1,0 +1,83 @@
+"""Configuration, resolved once when a family converts an HF config (penzai style: no branching on model names
+at forward time). `HookedVLMConfig` keeps the decoder's fields flat under TransformerLens names, because TL's
+generic utilities (ActivationCache, patching, head_detector) read them from `model.cfg`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class VisionCfg:
+    """One vision transformer. The family picks the tower class; these fields size and shape it."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_mlp: int
+    act_fn: str
+    patch_size: int
+    image_size: int = 0  # fixed input size of CLIP/SigLIP towers; 0 for Qwen towers (any size)
+    n_channels: int = 3
+    normalization_type: str = "LN"  # "LN" | "RMS"
+    eps: float = 1e-5
+    gated_mlp: bool = False
+    class_token: bool = False  # CLIP
+    pre_norm: bool = False  # CLIP's pre_layrnorm
+    patch_bias: bool = False
+    temporal_patch_size: int = 1  # Qwen2-VL 3-D patches
+    spatial_merge_size: int = 1  # Qwen2-VL patch merger
+    window_size: int = 0  # Qwen2.5-VL window attention (pixels); 0 = full attention everywhere
+    fullatt_block_indexes: tuple[int, ...] = ()
+    rope_theta: float = 10000.0
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class HookedVLMConfig:
+    # decoder, under TransformerLens names
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_key_value_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    act_fn: str = "silu"
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    mrope_section: list[int] | None = None  # M-RoPE sections (Qwen2-VL); None = 1-D RoPE
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    n_ctx: int = 4096
+    normalization_type: str = "RMS"
+    final_rms: bool = True
+    attn_only: bool = False
+    positional_embedding_type: str = "rotary"
+    use_split_qkv_input: bool = False
+    default_prepend_bos: bool = False  # the processor decides what the prompt starts with
+    tokenizer_prepends_bos: bool = False
+    n_devices: int = 1
+    device: Any = "cpu"
+    dtype: torch.dtype = torch.float32
+    # the multimodal parts
+    family: str = ""
+    model_name: str = ""
+    image_token_id: int = -1
+    vision: VisionCfg | None = None
+    projector_act: str = "gelu"
+    projector_bias: bool = True
+    vision_feature_layer: int | list[int] = -1
+    vision_feature_select_strategy: str = "full"
+    family_options: dict[str, Any] = field(default_factory=dict)  # e.g. LLaVA-OV grid pinpoints
+
+    @property
+    def d_vocab_out(self) -> int:
+        return self.d_vocab

@@ -1,0 +1,187 @@
+"""HookedVLM: vision tower -> projector -> merge into the token sequence -> decoder -> logits, all our own
+modules with HookPoints; transformer_lens's HookedRootModule supplies run_with_hooks / run_with_cache / hooks().
+
+    pixels --vision.*--> projector.hook_out --merge--> hook_embed --blocks.{l}.*--> ln_final --> logits
+    input_ids --hook_token_embed--^
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.ActivationCache import ActivationCache
+from transformer_lens.HookedRootModule import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from .components import NORMS, Attention, GatedMLP, RotaryEmbedding, TransformerBlock
+from .config import HookedVLMConfig
+from .families import get_family
+from .merge import merge_image_features
+from .positions import TokenLayout, build_layout
+
+TEXT_KWARGS = ("input_ids", "attention_mask", "position_ids")
+
+
+class HookedVLM(HookedRootModule):
+    def __init__(self, cfg: HookedVLMConfig, processor: Any = None):
+        super().__init__()
+        self.cfg = cfg
+        self.family = get_family(cfg.family)
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.hook_token_embed = HookPoint()  # token embeddings before image features are placed [batch, pos, d_model]
+        self.vision = self.family.build_vision(cfg)
+        self.projector = self.family.build_projector(cfg)
+        self.hook_embed = HookPoint()  # the residual stream's input: tokens + image features [batch, pos, d_model]
+        self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta, cfg.mrope_section)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                NORMS[cfg.normalization_type](cfg.d_model, cfg.eps),
+                Attention(cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.qkv_bias, cfg.o_bias,
+                          causal=True, rotary=True),
+                NORMS[cfg.normalization_type](cfg.d_model, cfg.eps),
+                GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.mlp_bias),
+            )
+            for _ in range(cfg.n_layers)
+        )
+        self.ln_final = NORMS[cfg.normalization_type](cfg.d_model, cfg.eps)
+        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self._accepted = frozenset(TEXT_KWARGS + self.family.image_kwargs)
+        self.setup()
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: Int[Tensor, "batch pos"] | None = None,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        position_ids: Tensor | None = None,
+        **image_inputs: Any,
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        self._check_kwargs(input_ids, image_inputs)
+        input_ids = input_ids.to(self.embed.weight.device)
+        x = self.hook_token_embed(self.embed(input_ids))
+        image_mask = input_ids == self.cfg.image_token_id
+        if image_inputs.get("pixel_values") is not None:
+            feats = self.family.image_features(self, input_ids, **image_inputs)
+            x = merge_image_features(x, image_mask, feats)
+        elif image_mask.any():
+            raise ValueError(f"the text has {int(image_mask.sum())} image tokens but no pixel_values were given")
+        x = self.hook_embed(x)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(input_ids.device)
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            position_ids = self.family.position_ids(self, input_ids, attention_mask, **image_inputs)
+        rotary = self.rotary(position_ids.to(input_ids.device), x.dtype)
+        mask = causal_padding_mask(attention_mask, x.dtype)
+        for block in self.blocks:
+            x = block(x, rotary, mask)
+        return self.unembed(self.ln_final(x))
+
+    def _check_kwargs(self, input_ids: Tensor | None, image_inputs: dict[str, Any]) -> None:
+        unknown = sorted(set(image_inputs) - self._accepted)
+        if unknown:
+            raise TypeError(
+                f"HookedVLM ({self.cfg.family}) got unexpected keyword(s) {unknown}; it takes {sorted(self._accepted)}"
+            )
+        if input_ids is None:
+            raise TypeError("HookedVLM needs input_ids (inputs_embeds is not supported: hook `hook_embed` instead)")
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
+            got = f"{type(input_ids).__name__} {tuple(getattr(input_ids, 'shape', ()))} {getattr(input_ids, 'dtype', '')}"
+            raise ValueError(f"input_ids: expected an integer tensor [batch, pos], got {got}")
+        pv = image_inputs.get("pixel_values")
+        if pv is not None and (not isinstance(pv, Tensor) or not pv.is_floating_point()):
+            raise ValueError(f"pixel_values: expected a floating-point tensor, got {getattr(pv, 'dtype', type(pv).__name__)}")
+
+    # ------------------------------------------------------------------------------------- TL conveniences
+    def run_with_cache(self, *args: Any, **kwargs: Any) -> tuple[Tensor, ActivationCache]:
+        out, cache = super().run_with_cache(*args, **kwargs)
+        return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+
+    def layout(self, inputs: dict[str, Any] | None = None, **kwargs: Any) -> TokenLayout:
+        """Where every image token sits (crop, row, col), text positions, end-of-image, position ids."""
+        return build_layout(self, {**(inputs or {}), **kwargs})
+
+    def to_tokens(self, text: str | list[str], **kwargs: Any) -> Tensor:
+        if self.tokenizer is None:
+            raise ValueError("this HookedVLM has no tokenizer: pass processor= to from_hf / from_pretrained")
+        return self.tokenizer(text, return_tensors="pt", padding=True, **kwargs)["input_ids"]
+
+    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
+        tokens = torch.as_tensor(tokens)
+        return self.tokenizer.decode(tokens) if tokens.ndim <= 1 else self.tokenizer.batch_decode(tokens)
+
+    def to_single_token(self, word: str) -> int:
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{word!r} is {len(ids)} tokens ({ids}), not one")
+        return ids[0]
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.weight.T
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.weight
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, processor: Any = None, copy_weights: bool = True) -> "HookedVLM":
+        """Convert an in-memory HF model. The HF model is never modified; with copy_weights=False the two share
+        weight storage (no second copy in memory), so editing one model's weights edits the other's."""
+        family = get_family(hf_model.config.model_type)
+        cfg = family.config_from_hf(hf_model.config)
+        param = next(hf_model.parameters())
+        cfg.dtype, cfg.device, cfg.model_name = param.dtype, param.device, getattr(hf_model, "name_or_path", "")
+        with torch.device("meta"):
+            model = cls(cfg, processor)
+        sd = family.convert_state_dict(hf_model.state_dict(), cfg)
+        sd["rotary.inv_freq"] = _hf_inv_freq(hf_model)
+        if copy_weights:
+            sd = {k: v.detach().clone() for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.rotary.attention_scaling = getattr(_hf_rotary(hf_model), "attention_scaling", 1.0)
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_dir: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+        device_map: Any = None, processor: Any = "auto",
+    ) -> "HookedVLM":
+        """Load with Hugging Face (safetensors only: no pickle) and convert."""
+        from .loading import load_hf
+
+        hf_model, proc = load_hf(name_or_dir, dtype=dtype, device=device, device_map=device_map, processor=processor)
+        return cls.from_hf(hf_model, proc, copy_weights=False)
+
+    def hook_names(self) -> list[str]:
+        return list(self.hook_dict)
+
+
+def _hf_rotary(hf_model: nn.Module) -> nn.Module:
+    for name, mod in hf_model.named_modules():
+        if name.endswith("language_model.rotary_emb"):
+            return mod
+    raise ValueError("could not find the decoder's rotary embedding (language_model.rotary_emb) in the HF model")
+
+
+def _hf_inv_freq(hf_model: nn.Module) -> Tensor:
+    return _hf_rotary(hf_model).inv_freq.detach().float().clone()
+
+
+def causal_padding_mask(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """None when nothing is padded (attention then uses the causal fast path); else an additive
+    [batch, 1, query, key] mask with the dtype's minimum, so fully padded query rows stay finite (uniform),
+    as in HF eager attention."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    s = attention_mask.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

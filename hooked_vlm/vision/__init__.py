@@ -1,0 +1,3 @@
+from .vit import ViTTower, hidden_state_index, vision_block
+
+__all__ = ["ViTTower", "hidden_state_index", "vision_block"]
