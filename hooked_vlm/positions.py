@@ -96,7 +96,7 @@ class TokenLayout:
         s = self.shape[1]
         return self._one_per_row(torch.where(self.attention_mask.bool(), torch.arange(s), -1).max(dim=1).values)
 
-    def in_box(self, x0: float, y0: float, x1: float, y1: float, image: int = 0, crop: int = 0) -> Bool[Tensor, "batch pos"]:
+    def in_box(self, x0: float | int, y0: float | int, x1: float | int, y1: float | int, image: int = 0, crop: int = 0) -> Bool[Tensor, "batch pos"]:
         """Image tokens of `crop` whose patch centre lies in the box, given as fractions of the image (0..1)."""
         mask = self.image_positions(image) & (self.crop == crop) & (self.col >= 0)
         out = torch.zeros_like(mask)
