@@ -6,8 +6,8 @@ modules with HookPoints; transformer_lens's HookedRootModule supplies run_with_h
 """
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from jaxtyping import Float, Int
@@ -51,6 +51,7 @@ class HookedVLM(HookedRootModule):
         self.ln_final = NORMS[cfg.normalization_type](cfg.d_model, cfg.eps)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
         self._accepted = frozenset(TEXT_KWARGS + self.family.image_kwargs)
+        self._bound: dict[str, Any] = {}
         self.setup()
 
     # ---------------------------------------------------------------------------------------------- forward
@@ -61,6 +62,10 @@ class HookedVLM(HookedRootModule):
         position_ids: Tensor | None = None,
         **image_inputs: Any,
     ) -> Float[Tensor, "batch pos d_vocab"]:
+        if self._bound:  # inputs bound with `bind_inputs`, for tools that pass tokens only
+            attention_mask = self._bound.get("attention_mask") if attention_mask is None else attention_mask
+            position_ids = self._bound.get("position_ids") if position_ids is None else position_ids
+            image_inputs = {**{k: v for k, v in self._bound.items() if k not in TEXT_KWARGS}, **image_inputs}
         self._check_kwargs(input_ids, image_inputs)
         input_ids = input_ids.to(self.embed.weight.device)
         x = self.hook_token_embed(self.embed(input_ids))
@@ -122,9 +127,50 @@ class HookedVLM(HookedRootModule):
             raise ValueError(f"{word!r} is {len(ids)} tokens ({ids}), not one")
         return ids[0]
 
+    @contextmanager
+    def bind_inputs(self, **inputs: Any) -> Iterator["HookedVLM"]:
+        """Supply image inputs (and attention_mask / position_ids) to every forward inside the block, so tools
+        that call `model(tokens)` with tokens only, such as `transformer_lens.patching` and `head_detector`,
+        run WITH the image. `input_ids` given here are ignored (the tool passes its own).
+
+            with model.bind_inputs(**inputs):
+                effect = transformer_lens.patching.get_act_patch_resid_pre(model, corrupt_ids, clean_cache, metric)
+        """
+        unknown = sorted(set(inputs) - self._accepted)
+        if unknown:
+            raise TypeError(f"bind_inputs got unexpected keyword(s) {unknown}; it takes {sorted(self._accepted)}")
+        previous, self._bound = self._bound, {k: v for k, v in inputs.items() if k != "input_ids"}
+        try:
+            yield self
+        finally:
+            self._bound = previous
+
+    # Unembedding with ln_final's weight folded in, as TransformerLens's fold_ln: since `ln_final.hook_normalized`
+    # is x / scale BEFORE the weight, `cache["ln_final.hook_normalized"] @ model.W_U` are the logits, and
+    # ActivationCache.logit_attrs / apply_ln_to_stack attributions sum to the logits.
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.unembed.weight.T
+        return self.ln_final.w[:, None] * self.unembed.weight.T
+
+    @property
+    def b_U(self) -> Float[Tensor, "d_vocab"]:
+        return self.unembed.weight.new_zeros(self.cfg.d_vocab)
+
+    def tokens_to_residual_directions(self, tokens: Any) -> Tensor:
+        """Rows of the folded W_U for token ids or strings ([..., d_model])."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        return self.W_U[:, torch.as_tensor(tokens, device=self.W_U.device)].movedim(0, -1)
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
+        """Sum of the attention-output and MLP-output biases written to the residual stream before `layer`
+        (and layer's attention bias if mlp_input), as TransformerLens defines it."""
+        total = self.unembed.weight.new_zeros(self.cfg.d_model)
+        for l in range(layer + int(mlp_input)):
+            total = total + self.blocks[l].attn.b_O
+            if include_mlp_biases and l < layer:
+                total = total + self.blocks[l].mlp.b_out
+        return total
 
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:

@@ -1,0 +1,56 @@
+"""Glue between the Shapes generator and the analyses: samples -> model inputs, answer ids and metrics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .metrics import Accuracy, LogitDiff
+
+
+@dataclass
+class Batch:
+    """Model inputs for a list of samples plus the token ids of each sample's answer and its competitor."""
+
+    inputs: dict[str, Any]
+    answer: Tensor
+    wrong: Tensor
+    samples: Sequence[Any]
+
+    def logit_diff(self) -> LogitDiff:
+        return LogitDiff(self.answer, self.wrong, self.inputs.get("attention_mask"))
+
+    def accuracy(self) -> Accuracy:
+        return Accuracy(self.answer, self.inputs.get("attention_mask"))
+
+
+def word_ids(processor: Any, words: Sequence[str]) -> Tensor:
+    tok = getattr(processor, "tokenizer", processor)
+    ids = tok.convert_tokens_to_ids(list(words))
+    unknown = [w for w, i in zip(words, ids) if i is None or i == tok.unk_token_id]
+    if unknown:
+        raise ValueError(f"answer words not in the vocabulary as single tokens: {unknown[:5]}")
+    return torch.tensor(ids)
+
+
+def encode(processor: Any, samples: Sequence[Any]) -> Batch:
+    """Samples (with .image, .prompt, .answer, .wrong) -> a Batch; prompts of one query type share a length."""
+    inputs = dict(processor(images=[s.image for s in samples], text=[s.prompt for s in samples],
+                            return_tensors="pt", padding=True))
+    return Batch(inputs, word_ids(processor, [s.answer for s in samples]), word_ids(processor, [s.wrong for s in samples]),
+                 samples)
+
+
+@torch.no_grad()
+def predictions(model: Any, batch: Batch, chunk: int = 256) -> Tensor:
+    """Argmax token id at the last real position of each prompt."""
+    from .metrics import final_logits
+
+    out = []
+    n = batch.inputs["input_ids"].shape[0]
+    for i in range(0, n, chunk):
+        part = {k: v[i : i + chunk] if isinstance(v, Tensor) else v for k, v in batch.inputs.items()}
+        out.append(final_logits(model(**part), part.get("attention_mask")).argmax(-1))
+    return torch.cat(out)
