@@ -50,3 +50,155 @@ def llava_inputs(model, batch: int = 2, text_len: int = 7, pad_left: int = 0, se
     input_ids, attention_mask = torch.stack(ids), torch.stack(masks)
     pixel_values = torch.randn(batch, 3, v.image_size, v.image_size, generator=gen)
     return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+
+
+# ---------------------------------------------------------------------------------------- LLaVA-OneVision
+OV_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+
+def tiny_llava_onevision(aspect: str = "anyres_max_9", strategy: str = "full", layer=-1, seed: int = 0, vocab: int = 64):
+    """SigLIP (32 px, patch 8 -> 4x4 grid, 2 layers) + Qwen2 (48 wide, 3 layers, GQA 4/2); image token vocab-1,
+    video token vocab-2; pinpoints up to 64x64 (2x2 crops)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8, vision_use_head=False)
+    tc = Qwen2Config(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512)
+    cfg = LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_index=vocab - 1, video_token_index=vocab - 2,
+                               image_grid_pinpoints=OV_PINPOINTS, vision_aspect_ratio=aspect, vision_feature_layer=layer,
+                               vision_feature_select_strategy=strategy)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg)
+    return redraw(model, seed=seed)
+
+
+def onevision_processor(hf_model):
+    """The real LlavaOnevisionProcessor (PIL image processor: no torchvision) with a word-level tokenizer whose words
+    are "w2".."w{vocab-3}"; pads on the left. The video processor needs torchvision, so it is left out."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlavaOnevisionProcessor, PreTrainedTokenizerFast
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    class ImageOnlyProcessor(LlavaOnevisionProcessor):
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+    cfg = hf_model.config
+    v, n = cfg.vision_config, cfg.text_config.vocab_size
+    vocab = {"<pad>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, n - 2)}, "<video>": n - 2, "<image>": n - 1}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", padding_side="left",
+                                   extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    ip = LlavaOnevisionImageProcessorPil(size={"height": v.image_size, "width": v.image_size},
+                                         image_grid_pinpoints=cfg.image_grid_pinpoints)
+    return ImageOnlyProcessor(image_processor=ip, tokenizer=fast, num_image_tokens=(v.image_size // v.patch_size) ** 2,
+                              vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                              vision_aspect_ratio=cfg.vision_aspect_ratio)
+
+
+def random_image(height: int, width: int, seed: int = 0):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# ------------------------------------------------------------------------------------ Qwen2-VL / Qwen2.5-VL
+QWEN_IMAGE, QWEN_VIDEO, QWEN_VSTART, QWEN_VEND = 60, 61, 62, 63  # with vocab 64; text tokens are 1..59, pad 0
+
+
+def tiny_qwen_vl(kind: str = "qwen2_vl", seed: int = 0, vocab: int = 64):
+    """Qwen2-VL (LayerNorm + quick_gelu tower, width 32, depth 2) or Qwen2.5-VL (RMSNorm + gated SiLU tower, width
+    32, depth 4: windows of 2x2 merged tokens (window_size 16 px, patch 4, merge 2) in blocks 0 and 2, full
+    attention in blocks 1 and 3). Decoder: hidden 64, 4 heads (d_head 16), 2 kv heads, 3 layers, mrope [2, 3, 3]."""
+    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
+    ids = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_VSTART,
+               vision_end_token_id=QWEN_VEND)
+    patches = dict(patch_size=4, temporal_patch_size=2, spatial_merge_size=2, in_channels=3, num_heads=4)
+    if kind == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, **patches)
+        cfg, cls = Qwen2VLConfig(text_config=text, vision_config=vision, **ids), Qwen2VLForConditionalGeneration
+    else:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        vision = dict(depth=4, hidden_size=32, intermediate_size=48, out_hidden_size=64, window_size=16,
+                      fullatt_block_indexes=[1, 3], **patches)
+        cfg, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids), Qwen2_5_VLForConditionalGeneration
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return redraw(cls(cfg), seed=seed)
+
+
+def qwen_image_processor():
+    """The real (PIL) Qwen2-VL image processor, sized for tiny_qwen_vl: 4 px patches, 2x2 merge, grids of 8 px."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2,
+                                    size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64})
+
+
+def qwen_inputs(prompts, seed: int = 0, text_before: int = 2, text_after: int = 3):
+    """Processor-style inputs. `prompts`: per prompt, a list of image (height, width) in pixels (multiples of 8
+    keep the size). Each prompt is `text_before` text tokens, then per image <|vision_start|> <|image_pad|> x n
+    <|vision_end|> and one text token, then `text_after` text tokens; prompts are left-padded to the longest.
+    pixel_values / image_grid_thw come from the real image processor on random RGB images."""
+    import numpy as np
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for sizes in prompts for h, w in sizes]
+    seqs, pix = [], {}
+    if images:
+        pix = dict(qwen_image_processor()(images=images, return_tensors="pt"))
+    grids = iter(pix["image_grid_thw"].tolist()) if images else iter(())
+
+    def text(n):
+        return torch.randint(1, QWEN_IMAGE, (n,), generator=gen).tolist()
+
+    for sizes in prompts:
+        ids = text(text_before)
+        for _ in sizes:
+            t, h, w = next(grids)
+            ids += [QWEN_VSTART] + [QWEN_IMAGE] * (t * h * w // 4) + [QWEN_VEND] + text(1)
+        seqs.append(ids + text(text_after))
+    s = max(len(x) for x in seqs)
+    input_ids = torch.tensor([[0] * (s - len(x)) + x for x in seqs])
+    attention_mask = torch.tensor([[0] * (s - len(x)) + [1] * len(x) for x in seqs])
+    out = dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=(input_ids == QWEN_IMAGE).int())
+    if images:
+        out.update(pixel_values=pix["pixel_values"], image_grid_thw=pix["image_grid_thw"])
+    return out
+
+
+def qwen_compare(hf, model, inputs, tol: float = 1e-4, pattern_tol: float = 1e-5) -> dict[str, float]:
+    """Qwen2-VL / Qwen2.5-VL parity on real tokens: logits, resid_pre vs HF hidden_states[l], eager attention
+    patterns on real query rows, the final norm, and the image features (`projector.hook_out`) vs HF's merger
+    output. Returns the measured max abs diffs."""
+    with torch.no_grad():
+        ref = hf(**inputs, output_hidden_states=True, output_attentions=True)
+        ours, cache = model.run_with_cache(**inputs)
+    real = inputs["attention_mask"].bool()
+    diffs = {"logits": (ref.logits - ours)[real].abs().max().item()}
+    diffs["resid_pre"] = max((ref.hidden_states[l] - cache[f"blocks.{l}.hook_resid_pre"])[real].abs().max().item()
+                             for l in range(model.cfg.n_layers))
+    diffs["pattern"] = max((ref.attentions[l] - cache[f"blocks.{l}.attn.hook_pattern"]).permute(0, 2, 1, 3)[real].abs().max().item()
+                           for l in range(model.cfg.n_layers))
+    diffs["ln_final"] = (ref.hidden_states[-1] - cache["ln_final.hook_normalized"] * model.ln_final.w)[real].abs().max().item()
+    if inputs.get("pixel_values") is not None:
+        with torch.no_grad():
+            feats = hf.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        diffs["image_features"] = (torch.cat(feats) - cache["projector.hook_out"]).abs().max().item()
+        assert diffs["image_features"] <= tol, diffs
+    assert diffs["logits"] <= tol and diffs["resid_pre"] <= tol and diffs["ln_final"] <= tol, diffs
+    assert diffs["pattern"] <= pattern_tol, diffs
+    assert ref.logits[real].std() > 0.3  # logits with spread: a wrong position or mask cannot hide under tol
+    return diffs
