@@ -190,9 +190,12 @@ def qwen_compare(hf, model, inputs, tol: float = 1e-4, pattern_tol: float = 1e-5
     diffs = {"logits": (ref.logits - ours)[real].abs().max().item()}
     diffs["resid_pre"] = max((ref.hidden_states[l] - cache[f"blocks.{l}.hook_resid_pre"])[real].abs().max().item()
                              for l in range(model.cfg.n_layers))
-    diffs["pattern"] = max((ref.attentions[l] - cache[f"blocks.{l}.attn.hook_pattern"]).permute(0, 2, 1, 3)[real].abs().max().item()
-                           for l in range(model.cfg.n_layers))
-    diffs["ln_final"] = (ref.hidden_states[-1] - cache["ln_final.hook_normalized"] * model.ln_final.w)[real].abs().max().item()
+    diffs["pattern"] = max(  # padded query rows are uniform in both: compare real query rows
+        (ref.attentions[l] - cache[f"blocks.{l}.attn.hook_pattern"]).permute(0, 2, 1, 3)[real].abs().max().item()
+        for l in range(model.cfg.n_layers)
+    )
+    final = cache["ln_final.hook_normalized"] * model.ln_final.w
+    diffs["ln_final"] = (ref.hidden_states[-1] - final)[real].abs().max().item()
     if inputs.get("pixel_values") is not None:
         with torch.no_grad():
             feats = hf.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
