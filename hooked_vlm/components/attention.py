@@ -116,5 +116,5 @@ class Attention(nn.Module):
             causal = torch.ones(qn, kn, dtype=torch.bool, device=scores.device).tril(kn - qn)
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
         scores = self.hook_attn_scores(scores)
-        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype))
         return torch.matmul(pattern, v)

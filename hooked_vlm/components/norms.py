@@ -2,7 +2,8 @@
 
 `hook_scale` is sqrt(mean(x^2) + eps) (LayerNorm: sqrt(var + eps)) with shape [..., 1], and
 `hook_normalized` is x / scale BEFORE the learned weight, as in TransformerLens. Both norms compute in
-float32 and cast back before the weight, matching Hugging Face's Qwen2/Llama RMSNorm in bf16.
+float32 and cast back before the weight, matching Hugging Face's Qwen2/Llama RMSNorm in bf16 (a float64 model
+computes in float64, so that finite-difference checks are exact).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         x = self.hook_normalized(x / scale).to(dtype)
         return self.w * x
@@ -39,11 +40,11 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))
         x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         x = self.hook_normalized(x / scale)
-        return (x * self.w.float() + self.b.float()).to(dtype)
+        return (x * self.w.to(x.dtype) + self.b.to(x.dtype)).to(dtype)
 
 
 NORMS = {"RMS": RMSNorm, "LN": LayerNorm}

@@ -8,7 +8,7 @@ i % 3, then the half is duplicated, exactly as HF's `recomposition_frequencies`.
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Real
 from torch import Tensor, nn
 
 
@@ -36,7 +36,8 @@ class RotaryEmbedding(nn.Module):
         self.mrope_section = list(mrope_section) if mrope_section else None
         self.attention_scaling = attention_scaling
 
-    def forward(self, position_ids: Int[Tensor, "*axes batch pos"], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def forward(self, position_ids: Real[Tensor, "*axes batch pos"], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(cos, sin) [batch, pos, d_head]. Positions may be fractional (analyses re-rotate keys by any delta)."""
         freqs = position_ids[..., None].float() * self.inv_freq.float()
         if self.mrope_section is not None:
             if position_ids.ndim != 3 or position_ids.shape[0] != 3:
