@@ -6,6 +6,7 @@ modules with HookPoints; transformer_lens's HookedRootModule supplies run_with_h
 """
 from __future__ import annotations
 
+import difflib
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -208,6 +209,45 @@ class HookedVLM(HookedRootModule):
 
     def hook_names(self) -> list[str]:
         return list(self.hook_dict)
+
+    # ------------------------------------------------------------------- hook checks (every way of adding)
+    def _check_hook_name(self, name: Any) -> None:
+        if isinstance(name, str) and name not in self.hook_dict:
+            close = difflib.get_close_matches(name, list(self.hook_dict), n=3, cutoff=0.5)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(f"no hook point named {name!r}{hint} (model.hook_names() lists all {len(self.hook_dict)})")
+
+    def add_hook(self, name: Any, hook: Any, dir: str = "fwd", *args: Any, **kwargs: Any) -> None:
+        self._check_hook_name(name)
+        super().add_hook(name, hook, dir, *args, **kwargs)
+
+    def check_and_add_hook(self, hook_point: HookPoint, hook_point_name: str, hook: Any, dir: str = "fwd",
+                           *args: Any, **kwargs: Any) -> None:
+        super().check_and_add_hook(hook_point, hook_point_name, _checked(hook, hook_point_name) if dir == "fwd" else hook,
+                                   dir, *args, **kwargs)
+
+    def _enable_hook_with_name(self, name: str, hook: Any, dir: str) -> None:
+        self._check_hook_name(name)
+        super()._enable_hook_with_name(name, _checked(hook, name) if dir == "fwd" else hook, dir)
+
+
+def _checked(fn: Any, name: str) -> Any:
+    """Wrap a forward hook so that a returned activation of the wrong shape or dtype fails loudly, naming the hook,
+    instead of breaking (or silently broadcasting) somewhere downstream."""
+
+    def checked(tensor: Any, hook: HookPoint) -> Any:
+        out = fn(tensor, hook=hook)
+        if out is not None and isinstance(tensor, Tensor):
+            if not isinstance(out, Tensor) or out.shape != tensor.shape or out.dtype != tensor.dtype:
+                got = f"{type(out).__name__} {tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(
+                    f"the hook on {name!r} returned {got}; expected a tensor of shape {tuple(tensor.shape)} and dtype "
+                    f"{tensor.dtype} (or None to leave the activation unchanged)"
+                )
+        return out
+
+    checked.__wrapped__ = fn
+    return checked
 
 
 def _hf_rotary(hf_model: nn.Module) -> nn.Module:

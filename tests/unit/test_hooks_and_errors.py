@@ -155,3 +155,23 @@ def test_layout_of_llava_prompt(setup):
     assert lay.text_positions()[0, :2].tolist() == [False, False]  # pads are not text
     with pytest.raises(ValueError, match="other inputs"):
         lay.check_inputs(inputs["input_ids"].flip(1))
+
+
+def test_unknown_hook_name_suggests_nearest(setup):
+    _, model, inputs = setup
+    with pytest.raises(ValueError, match=r"did you mean \['blocks.1.attn.hook_pattern'"):
+        model.run_with_hooks(**inputs, fwd_hooks=[("blocks.1.attn.hook_patern", lambda x, hook: x)])
+    with pytest.raises(ValueError, match="no hook point named"):
+        model.add_hook("blocks.9.hook_resid_pre", lambda x, hook: x)
+    assert not any(hp.has_hooks() for hp in model.hook_dict.values())
+
+
+def test_hook_returning_wrong_shape_or_dtype_is_named(setup):
+    _, model, inputs = setup
+    with pytest.raises(ValueError, match=r"hook on 'blocks.0.hook_resid_post' returned Tensor \(2, 27\)"):
+        model.run_with_hooks(**inputs, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x[..., 0])])
+    with pytest.raises(ValueError, match="dtype torch.float32"):
+        model.run_with_hooks(**inputs, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x.double())])
+    assert not any(hp.has_hooks() for hp in model.hook_dict.values())
+    with torch.no_grad():  # and the model is unharmed afterwards
+        assert torch.allclose(model(**inputs), model.run_with_hooks(**inputs, fwd_hooks=[]), atol=0)
