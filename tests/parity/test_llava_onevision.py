@@ -154,3 +154,26 @@ def test_conversion_uses_every_key():
     assert model.cfg.family_options == {"image_grid_pinpoints": [[32, 32], [32, 64], [64, 32], [64, 64]],
                                         "vision_aspect_ratio": "anyres_max_9"}
     assert model.cfg.qkv_bias and not model.cfg.o_bias
+
+
+def test_bf16_within_documented_tolerance():
+    """Our bf16 logits are no further from the fp32 reference than 2x HF's own bf16 logits (see test_llava.py)."""
+    hf = tiny_llava_onevision()
+    proc = onevision_processor(hf)
+    inputs = one_image(proc)
+    with torch.no_grad():
+        ref32 = hf(**inputs).logits
+        hf = hf.to(torch.bfloat16)
+        model = HookedVLM.from_hf(hf, proc)
+        bf = dict(inputs, pixel_values=inputs["pixel_values"].to(torch.bfloat16))
+        hf_err = (hf(**bf).logits.float() - ref32).abs().max()
+        our_err = (model(**bf).float() - ref32).abs().max()
+    assert 0 < our_err <= 2 * hf_err, (our_err, hf_err)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    hf = tiny_llava_onevision()
+    proc = onevision_processor(hf)
+    hf.save_pretrained(tmp_path)
+    model = HookedVLM.from_pretrained(str(tmp_path), processor=proc)
+    compare(hf, model, one_image(proc))
