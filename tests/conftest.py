@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py helpers
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: a second thread only adds overhead (and contention on shared machines)
 
 
 @pytest.fixture(autouse=True)

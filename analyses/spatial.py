@@ -1,0 +1,385 @@
+"""Dual mechanisms of spatial binding (arXiv 2603.22278): probes, last-token patching, strip swaps, amplification.
+
+- Linear probes (multinomial logistic regression in torch, LBFGS on standardised features) on any hook at a
+  position set, e.g. image tokens of `hook_embed` (= the projector's output as placed in the sequence, for every
+  family) or `projector.hook_out` (LLaVA: one row per image token), with a train/test split BY PROMPT.
+- `last_token_patching`: the residual at the final token patched from a counterfactual run, one layer at a
+  time (batched through the batch dimension) -> [layer].
+- `swap_strips` / `strip_swap_matrix`: criss-cross swaps of two rows or two columns of image features
+  (TokenLayout.row / col), metric change.
+- `amplify`: h += alpha * sum_k (h . u_k) u_k at decoder layer 0 (`blocks.0.hook_resid_pre`) at image
+  positions, u_k the probe's unit directions; `control_seed` gives random directions whose addition has the
+  same norm, token by token.
+
+Activations of hooks that are not [batch, pos, ...] (the projector's [n_images, tokens, d]) are mapped onto the
+sequence through the image-token positions in reading order (`as_sequence`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from analyses.heads import patch_sweep, run_cached, transplant
+from hooked_vlm.batching import batch_size, repeat_inputs
+
+Metric = Callable[[Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------------------- sequence view
+def as_sequence(act: Tensor, layout: Any) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """(activation as [batch, pos, ...], function mapping an edited sequence view back to the hook's shape).
+    [batch, pos, ...] activations pass through; others are taken as image-token rows in reading order."""
+    shape = tuple(layout.shape)
+    if tuple(act.shape[:2]) == shape:
+        return act, lambda x: x
+    rows = act.reshape(-1, *act.shape[2:]) if act.ndim >= 3 else act
+    img = layout.is_image.to(act.device)
+    if rows.shape[0] != int(img.sum()):
+        raise ValueError(f"activation {tuple(act.shape)} is neither [batch, pos, ...] = {shape} nor one row per "
+                         f"image token ({int(img.sum())}); use a [batch, pos, d] hook such as hook_embed")
+    seq = rows.new_zeros(*shape, *rows.shape[1:])
+    seq[img] = rows
+    return seq, lambda x: x[img].reshape(act.shape)
+
+
+def activations_at(
+    model: Any, inputs: dict[str, Any], hook_names: Sequence[str], positions: Bool[Tensor, "batch pos"],
+    layout: Any = None,
+) -> tuple[dict[str, Float[Tensor, "n d"]], Int[Tensor, "n"]]:
+    """({hook: rows at the masked positions, prompt-major}, prompt index of each row), one forward pass."""
+    layout = layout or model.layout(inputs)
+    _, cache = run_cached(model, inputs, list(hook_names))
+    out = {}
+    for n in hook_names:
+        seq, _ = as_sequence(cache[n], layout)
+        out[n] = seq[positions.to(seq.device)].float().cpu()
+    prompt = torch.arange(positions.shape[0])[:, None].expand(positions.shape)[positions.cpu()]
+    return out, prompt
+
+
+# ---------------------------------------------------------------------------------------------- probes
+@dataclass
+class Probe:
+    """Multinomial logistic regression on standardised features: logits = ((x - mean) / std) @ W + b."""
+
+    W: Float[Tensor, "d classes"]
+    b: Float[Tensor, "classes"]
+    mean: Float[Tensor, "d"]
+    std: Float[Tensor, "d"]
+
+    def logits(self, x: Float[Tensor, "n d"]) -> Tensor:
+        return ((x.float() - self.mean) / self.std) @ self.W + self.b
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.logits(x).argmax(-1)
+
+    def accuracy(self, x: Tensor, y: Tensor) -> float:
+        return float((self.predict(x) == y.long()).float().mean()) if len(y) else float("nan")
+
+    def directions(self) -> Float[Tensor, "k d"]:
+        """Unit directions in the raw activation space: class weights minus their mean (softmax ignores a
+        shared part); one direction (class 1 - class 0) for a binary probe."""
+        w = (self.W / self.std[:, None]).T  # [classes, d] in raw space
+        w = w[1:2] - w[0:1] if w.shape[0] == 2 else w - w.mean(0, keepdim=True)
+        return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def fit_probe(
+    x: Float[Tensor, "n d"], y: Int[Tensor, "n"], n_classes: int | None = None, l2: float | int = 1e-3, steps: int = 200
+) -> Probe:
+    """Logistic regression (cross-entropy + l2 * |W|^2) fitted with LBFGS on standardised x."""
+    x, y = x.float().cpu(), y.long().cpu()
+    n_classes = int(y.max()) + 1 if n_classes is None else n_classes
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    xs = (x - mean) / std
+    W = torch.zeros(x.shape[1], n_classes, requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xs @ W + b, y) + l2 * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return Probe(W.detach(), b.detach(), mean, std)
+
+
+def split_prompts(n_prompts: int, test_frac: float | int = 0.25, seed: int = 0) -> Bool[Tensor, "n_prompts"]:
+    """True for test prompts (a seeded random subset; at least one of each when n_prompts >= 2)."""
+    n_test = min(max(1, round(n_prompts * test_frac)), n_prompts - 1) if n_prompts >= 2 else 0
+    test = torch.zeros(n_prompts, dtype=torch.bool)
+    test[torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed))[:n_test]] = True
+    return test
+
+
+@dataclass
+class ProbeResult:
+    probe: Probe
+    train_acc: float
+    test_acc: float
+
+
+def _rows_and_labels(positions: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Labels per masked position: labels [batch, pos] (read at the mask; -1 = skip) or [batch] (per prompt)."""
+    if labels.ndim == 1:
+        labels = labels[:, None].expand(positions.shape)
+    keep = positions.cpu() & (labels.cpu() >= 0)
+    return keep, labels.cpu()[keep]
+
+
+@torch.no_grad()
+def probe_hooks(
+    model: Any,
+    inputs: dict[str, Any],
+    hook_names: Sequence[str],
+    positions: Bool[Tensor, "batch pos"],
+    labels: Int[Tensor, "batch pos"] | Int[Tensor, "batch"],
+    pool: bool = False,
+    test_frac: float | int = 0.25,
+    seed: int = 0,
+    l2: float | int = 1e-3,
+    steps: int = 200,
+) -> dict[str, ProbeResult]:
+    """A probe per hook, trained on the masked positions of the train prompts and scored on the test prompts.
+    labels: per position [batch, pos] (-1 = skip) or per prompt [batch]; pool=True averages each prompt's
+    positions into one row (needs per-prompt labels)."""
+    keep, y = _rows_and_labels(positions, labels)
+    feats, prompt = activations_at(model, inputs, hook_names, keep)
+    if pool:
+        if labels.ndim != 1:
+            raise ValueError("pool=True needs one label per prompt")
+        has = keep.any(1)
+        prompt_ids = has.nonzero().flatten()
+        feats = {n: torch.stack([f[prompt == p].mean(0) for p in prompt_ids]) for n, f in feats.items()}
+        y, prompt = labels.cpu()[prompt_ids].long(), torch.arange(len(prompt_ids))
+    test = split_prompts(int(prompt.max()) + 1 if len(prompt) else 0, test_frac, seed)[prompt]
+    n_classes = int(y.max()) + 1
+    out = {}
+    for n, x in feats.items():
+        p = fit_probe(x[~test], y[~test], n_classes, l2, steps)
+        out[n] = ProbeResult(p, p.accuracy(x[~test], y[~test]), p.accuracy(x[test], y[test]))
+    return out
+
+
+# ------------------------------------------------------------------------------------ last-token patching
+@torch.no_grad()
+def last_token_patching(
+    model: Any,
+    clean: dict[str, Any],
+    counterfactual: dict[str, Any],
+    metric: Metric,
+    kind: str = "resid_pre",
+    positions: Bool[Tensor, "batch pos"] | None = None,
+    cf_positions: Bool[Tensor, "batch pos2"] | None = None,
+    chunk_size: int = 8,
+    per_prompt: bool = False,
+) -> Float[Tensor, "layer"] | Float[Tensor, "layer batch"]:
+    """metric(clean with `blocks.{l}.hook_{kind}` at the final token (or `positions`) taken from the
+    counterfactual run), for each layer l; batched through the batch dimension."""
+    names = [f"blocks.{l}.hook_{kind}" for l in range(model.cfg.n_layers)]
+    positions = model.layout(clean).final_token() if positions is None else positions
+    if cf_positions is None:
+        cf_positions = model.layout(counterfactual).final_token()
+    _, cf = run_cached(model, counterfactual, names)
+    out = patch_sweep(model, clean, cf, [(n, None) for n in names], metric, positions, cf_positions, chunk_size)
+    return out if per_prompt else out.mean(-1)
+
+
+# ------------------------------------------------------------------------------------------- strip swaps
+def strip_mask(layout: Any, axis: str, index: int, image: int = 0, crop: int = 0) -> Bool[Tensor, "batch pos"]:
+    """Image tokens of one row (axis="row") or column (axis="col") of the image grid."""
+    if axis not in ("row", "col"):
+        raise ValueError(f"axis must be 'row' or 'col', got {axis!r}")
+    grid = getattr(layout, axis)
+    return layout.image_positions(image) & (layout.crop == crop) & (grid == index)
+
+
+def _swap_view(x: Tensor, ma: Tensor, mb: Tensor) -> Tensor:
+    return transplant(transplant(x, x, ma, mb), x, mb, ma)
+
+
+@torch.no_grad()
+def _edit_sweep(
+    model: Any, inputs: dict[str, Any], hook_name: str, edits: Sequence[tuple[Tensor, Tensor]], metric: Metric,
+    chunk_size: int,
+) -> Float[Tensor, "n_edits batch"]:
+    """metric after swapping the positions of mask a with those of mask b (in order) at hook_name, one pair per
+    slice of a repeated batch."""
+    b = batch_size(inputs)
+    out = []
+    for start in range(0, len(edits), chunk_size):
+        chunk = edits[start:start + chunk_size]
+        rep = repeat_inputs(inputs, len(chunk))
+        layout = model.layout(rep)
+        ma = torch.cat([a for a, _ in chunk]) if chunk else None
+        mb = torch.cat([bm for _, bm in chunk]) if chunk else None
+
+        def hook(x: Tensor, hook: Any) -> Tensor:
+            seq, back = as_sequence(x, layout)
+            return back(_swap_view(seq, ma, mb))
+
+        with model.hooks(fwd_hooks=[(hook_name, hook)]):
+            logits = model(**rep)
+        out += [metric(logits[j * b:(j + 1) * b]).detach().float().cpu() for j in range(len(chunk))]
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def swap_strips(
+    model: Any, inputs: dict[str, Any], axis: str, a: int, b: int, metric: Metric | None = None,
+    hook_name: str = "hook_embed", image: int = 0, crop: int = 0,
+) -> Tensor:
+    """Run with the image features of rows (or columns) a and b swapped at hook_name (default hook_embed: the
+    projector output in the sequence). Returns logits, or metric(logits)."""
+    layout = model.layout(inputs)
+    ma, mb = strip_mask(layout, axis, a, image, crop), strip_mask(layout, axis, b, image, crop)
+
+    def hook(x: Tensor, hook: Any) -> Tensor:
+        seq, back = as_sequence(x, layout)
+        return back(_swap_view(seq, ma, mb))
+
+    with model.hooks(fwd_hooks=[(hook_name, hook)]):
+        logits = model(**inputs)
+    return logits if metric is None else metric(logits)
+
+
+@torch.no_grad()
+def strip_swap_matrix(
+    model: Any, inputs: dict[str, Any], metric: Metric, axis: str = "row", hook_name: str = "hook_embed",
+    image: int = 0, crop: int = 0, chunk_size: int = 8,
+) -> Float[Tensor, "n n"]:
+    """Mean metric change (swapped - clean) for every pair of rows (or columns); symmetric, zero diagonal."""
+    layout = model.layout(inputs)
+    grid = getattr(layout, axis)[layout.image_positions(image) & (layout.crop == crop)]
+    n = int(grid.max()) + 1
+    base = metric(model(**inputs)).float().cpu()
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    edits = [(strip_mask(layout, axis, i, image, crop), strip_mask(layout, axis, j, image, crop)) for i, j in pairs]
+    vals = _edit_sweep(model, inputs, hook_name, edits, metric, chunk_size) if pairs else torch.empty(0, len(base))
+    out = torch.zeros(n, n)
+    for (i, j), v in zip(pairs, vals):
+        out[i, j] = out[j, i] = (v - base).mean()
+    return out
+
+
+# ------------------------------------------------------------------------------------------- amplification
+def random_directions(k: int, d: int, seed: int = 0) -> Float[Tensor, "k d"]:
+    r = torch.randn(k, d, generator=torch.Generator().manual_seed(seed))
+    return r / r.norm(dim=-1, keepdim=True)
+
+
+def amplification(
+    h: Float[Tensor, "*rows d"], directions: Float[Tensor, "k d"], alpha: float | int, control_seed: int | None = None
+) -> Float[Tensor, "*rows d"]:
+    """The vector `amplify` adds: alpha * sum_k (h . u_k) u_k with u_k the unit directions; with control_seed,
+    the same sum over k random unit directions, rescaled to that vector's norm row by row."""
+    h = h.float()
+    u = directions.float().to(h.device)
+    u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    add = alpha * (h @ u.T) @ u
+    if control_seed is None:
+        return add
+    r = random_directions(u.shape[0], u.shape[1], control_seed).to(h.device)
+    rand = (h @ r.T) @ r
+    return rand / rand.norm(dim=-1, keepdim=True).clamp_min(1e-12) * add.norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def amplify(
+    model: Any,
+    inputs: dict[str, Any],
+    directions: Float[Tensor, "k d_model"],
+    alpha: float | int,
+    metric: Metric | None = None,
+    hook_name: str = "blocks.0.hook_resid_pre",
+    positions: Bool[Tensor, "batch pos"] | None = None,
+    control_seed: int | None = None,
+) -> Tensor:
+    """h += `amplification(h, directions, alpha, control_seed)` at `positions` (default the image tokens) of
+    hook_name (default decoder layer 0's input). Returns logits or metric(logits)."""
+    layout = model.layout(inputs)
+    positions = layout.image_positions() if positions is None else positions
+
+    def hook(x: Tensor, hook: Any) -> Tensor:
+        seq, back = as_sequence(x, layout)
+        new = (seq.float() + amplification(seq, directions, alpha, control_seed)).to(seq.dtype)
+        return back(torch.where(positions.to(seq.device)[..., None], new, seq))
+
+    with model.hooks(fwd_hooks=[(hook_name, hook)]):
+        logits = model(**inputs)
+    return logits if metric is None else metric(logits)
+
+
+# ------------------------------------------------------------------------------------------ Shapes labels
+def shapes_token_labels(model: Any, inputs: dict[str, Any], scenes: Sequence[Any], attribute: str = "colour",
+                        layout: Any = None) -> Int[Tensor, "batch pos"]:
+    """Per image token of Shapes prompts: the covering object's colour / shape index (COLOURS / SHAPES order;
+    len(...) = background), or for attribute="block" 0 background, 1 + the object's block (upper-left 0 /
+    lower-right 1). Coverage = Scene.object_patches (row-major patch indices); -1 off the image."""
+    from hooked_vlm.organism import COLOURS, SHAPES
+
+    layout = layout or model.layout(inputs)
+    scenes = [getattr(s, "scene", s) for s in scenes]
+    out = torch.full(layout.shape, -1, dtype=torch.long)
+    for bi, sc in enumerate(scenes):
+        img = layout.image_positions(0)[bi]
+        cols = int(layout.grids[bi][0][0][1])
+        patch = layout.row[bi] * cols + layout.col[bi]
+        bg = {"colour": len(COLOURS), "shape": len(SHAPES), "block": 0}[attribute]
+        out[bi, img] = bg
+        for i in range(2):
+            val = {"colour": lambda: COLOURS.index(sc.colours[i]), "shape": lambda: SHAPES.index(sc.shapes[i]),
+                   "block": lambda: 1 + sc.slots[i]}[attribute]()
+            covered = torch.isin(patch, torch.tensor(sc.object_patches(i))) & img
+            out[bi, covered] = val
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def plot_probe_accuracy(acc: dict[str, Any], title: str = "Probe accuracy",
+                        chance: float | int | None = None) -> go.Figure:
+    """Test accuracy per hook ({hook: acc}) or several series ({series: {hook: acc}}), e.g. per layer."""
+    series = acc if acc and isinstance(next(iter(acc.values())), dict) else {"test": acc}
+    fig = go.Figure([go.Scatter(x=list(s), y=[float(v) for v in s.values()], mode="lines+markers", name=k)
+                     for k, s in series.items()])
+    if chance is not None:
+        fig.add_hline(y=chance, line_dash="dot", annotation_text="chance")
+    fig.update_layout(title=title, xaxis_title="hook", yaxis_title="accuracy", yaxis_range=[0, 1.02])
+    return fig
+
+
+def plot_layer_patching(values: Float[Tensor, "layer"], title: str = "Last-token patching",
+                        ylabel: str = "metric") -> go.Figure:
+    v = values.detach().float().cpu().tolist()
+    fig = go.Figure(go.Scatter(x=list(range(len(v))), y=v, mode="lines+markers"))
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title=ylabel)
+    return fig
+
+
+def plot_strip_swaps(matrix: Float[Tensor, "n n"], axis: str = "row", title: str | None = None) -> go.Figure:
+    m = matrix.detach().float().cpu()
+    lim = float(m.abs().max()) or 1.0
+    labels = [f"{axis} {i}" for i in range(m.shape[0])]
+    fig = go.Figure(go.Heatmap(z=m.tolist(), x=labels, y=labels, colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim,
+                               colorbar=dict(title="metric change")))
+    fig.update_layout(title=title or f"Strip swaps ({axis}s)", yaxis_autorange="reversed")
+    return fig
+
+
+def plot_amplification(alphas: Sequence[Any], probe: Sequence[Any], control: Sequence[Any] | None = None,
+                       title: str = "Amplification at layer 0", ylabel: str = "metric") -> go.Figure:
+    fig = go.Figure(go.Scatter(x=list(alphas), y=[float(v) for v in probe], mode="lines+markers", name="probe"))
+    if control is not None:
+        fig.add_trace(go.Scatter(x=list(alphas), y=[float(v) for v in control], mode="lines+markers",
+                                 name="random (same norm)"))
+    fig.update_layout(title=title, xaxis_title="alpha", yaxis_title=ylabel)
+    return fig
