@@ -15,6 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--n", type=int, default=256, help="samples per measurement (default 256)")
     demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("train-organism", help="train the Shapes organism (see --help of the subcommand)", add_help=False)
+    bench = sub.add_parser("bench-circuits", help="how well each analysis recovers the organism's planted heads")
+    bench.add_argument("--model", default=None, help="organism directory (default: the shipped one)")
+    bench.add_argument("--out", default="report", help="writes circuits.md and circuits.json here")
+    bench.add_argument("--n", type=int, default=64)
+    bench.add_argument("--seed", type=int, default=0)
     if argv[:1] == ["train-organism"]:
         from .organism.train import main as train_main
 
@@ -24,7 +29,31 @@ def main(argv: list[str] | None = None) -> int:
         from analyses.demo import run_demo
 
         run_demo(model_path=args.model, out_dir=args.out, n=args.n, seed=args.seed)
+    elif args.command == "bench-circuits":
+        _bench_circuits(args)
     return 0
+
+
+def _bench_circuits(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from analyses.ground_truth import bench_circuits, rows_to_markdown
+
+    from . import HookedVLM
+    from .organism import ORGANISM_DIR
+
+    path = Path(args.model or ORGANISM_DIR)
+    record_file = path / "organism.json"
+    if not record_file.exists():
+        raise SystemExit(f"{path} has no organism.json: bench-circuits needs a model with a recorded planted circuit")
+    model = HookedVLM.from_pretrained(str(path))
+    rows = bench_circuits(model, json.loads(record_file.read_text()), n=args.n, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "circuits.md").write_text(rows_to_markdown(rows))
+    (out / "circuits.json").write_text(json.dumps(rows, indent=2))
+    print(rows_to_markdown(rows))
 
 
 if __name__ == "__main__":
