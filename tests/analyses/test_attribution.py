@@ -15,14 +15,6 @@ from tiny import llava_inputs, tiny_llava
 KINDS = ("resid_pre", "attn_out", "mlp_out")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _text_cf(model, clean):
     cf = dict(clean, input_ids=clean["input_ids"].clone())
     after = model.layout(clean).text_positions() & (torch.arange(clean["input_ids"].shape[1]) > 5)
@@ -31,7 +23,7 @@ def _text_cf(model, clean):
 
 
 @pytest.fixture(scope="module")
-def hf(_one_thread):
+def hf():
     return tiny_llava()
 
 

@@ -14,16 +14,6 @@ from hooked_vlm.components.rotary import RotaryEmbedding, apply_rotary
 from hooked_vlm.organism import ORGANISM_DIR
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP barriers under contention
-    cost ~10 ms per op; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup():
     hf = tiny_llava()

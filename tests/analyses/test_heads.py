@@ -15,16 +15,6 @@ from hooked_vlm.organism import ORGANISM_DIR
 A, A_STAR = [5], [9]  # two answer token ids (one for every prompt)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP barriers under contention
-    cost ~10 ms per op; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup():
     hf = tiny_llava()

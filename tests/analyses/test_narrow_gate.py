@@ -22,16 +22,8 @@ from hooked_vlm.organism import ORGANISM_DIR
 from tiny import llava_inputs, tiny_llava
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def setup(_one_thread):
+def setup():
     hf = tiny_llava()
     model = HookedVLM.from_hf(hf)
     inputs = llava_inputs(hf, batch=2, pad_left=1, seed=0)

@@ -27,17 +27,8 @@ from hooked_vlm.vision.vit import hidden_state_index
 from tiny import llava_inputs, tiny_llava
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; with two, a loaded 2-core machine makes OpenMP spin (60x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def setup(_one_thread):
+def setup():
     hf = tiny_llava()
     model = HookedVLM.from_hf(hf)
     clean = llava_inputs(hf, batch=2, pad_left=1, seed=0)
