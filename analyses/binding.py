@@ -291,6 +291,8 @@ def shapes_slots(model: Any, inputs: dict[str, Any], scenes: Sequence[Any], layo
     image_size: (width, height) in pixels, default the organism's."""
     from hooked_vlm.organism.shapes import IMAGE_SIZE
 
+    if layout is not None:
+        layout.check_inputs(inputs["input_ids"])  # a layout of other prompts would select wrong tokens silently
     layout = layout or model.layout(inputs)
     scenes = [getattr(s, "scene", s) for s in scenes]
     w, h = image_size or (IMAGE_SIZE, IMAGE_SIZE)

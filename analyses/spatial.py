@@ -52,6 +52,8 @@ def activations_at(
     layout: Any = None,
 ) -> tuple[dict[str, Float[Tensor, "n d"]], Int[Tensor, "n"]]:
     """({hook: rows at the masked positions, prompt-major}, prompt index of each row), one forward pass."""
+    if layout is not None:
+        layout.check_inputs(inputs["input_ids"])  # a layout of other prompts would select wrong tokens silently
     layout = layout or model.layout(inputs)
     _, cache = run_cached(model, inputs, list(hook_names))
     out = {}
@@ -327,6 +329,8 @@ def shapes_token_labels(model: Any, inputs: dict[str, Any], scenes: Sequence[Any
     lower-right 1). Coverage = Scene.object_patches (row-major patch indices); -1 off the image."""
     from hooked_vlm.organism import COLOURS, SHAPES
 
+    if layout is not None:
+        layout.check_inputs(inputs["input_ids"])  # a layout of other prompts would select wrong tokens silently
     layout = layout or model.layout(inputs)
     scenes = [getattr(s, "scene", s) for s in scenes]
     out = torch.full(layout.shape, -1, dtype=torch.long)

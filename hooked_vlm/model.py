@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from jaxtyping import Float, Int
@@ -69,6 +69,9 @@ class HookedVLM(HookedRootModule):
             image_inputs = {**{k: v for k, v in self._bound.items() if k not in TEXT_KWARGS}, **image_inputs}
         self._check_kwargs(input_ids, image_inputs)
         input_ids = input_ids.to(self.embed.weight.device)
+        if image_inputs.get("pixel_values") is not None:  # pixels on another device follow input_ids to the model's;
+            # another float dtype is cast to the tower's weights by the tower (as HF does)
+            image_inputs = dict(image_inputs, pixel_values=image_inputs["pixel_values"].to(input_ids.device))
         x = self.hook_token_embed(self.embed(input_ids))
         image_mask = input_ids == self.cfg.image_token_id
         if image_inputs.get("pixel_values") is not None:
@@ -103,11 +106,83 @@ class HookedVLM(HookedRootModule):
         pv = image_inputs.get("pixel_values")
         if pv is not None and (not isinstance(pv, Tensor) or not pv.is_floating_point()):
             raise ValueError(f"pixel_values: expected a floating-point tensor, got {getattr(pv, 'dtype', type(pv).__name__)}")
+        if pv is not None and pv.is_meta and not self.embed.weight.is_meta:
+            raise ValueError(f"pixel_values: expected a tensor with data (the model is on {self.embed.weight.device}), "
+                             "got a meta tensor")
 
     # ------------------------------------------------------------------------------------- TL conveniences
-    def run_with_cache(self, *args: Any, **kwargs: Any) -> tuple[Tensor, ActivationCache]:
+    # refuse run_with_cache requests estimated above this many bytes (None: no limit); per call: max_cache_bytes=
+    max_cache_bytes: int | None = 8 * 2**30
+
+    def run_with_cache(self, *args: Any, max_cache_bytes: int | None | str = "default", **kwargs: Any
+                       ) -> tuple[Tensor, ActivationCache]:
+        limit = self.max_cache_bytes if max_cache_bytes == "default" else max_cache_bytes
+        if limit is not None:
+            inputs = dict(kwargs, input_ids=args[0]) if args else kwargs
+            estimate = self.estimate_cache_bytes(inputs, kwargs.get("names_filter"))
+            if kwargs.get("incl_bwd"):
+                estimate *= 2
+            if estimate > limit:
+                raise ValueError(
+                    f"run_with_cache: this request would cache about {estimate / 2**30:.2f} GiB ({estimate} bytes), over "
+                    f"max_cache_bytes={limit}. Narrow it: names_filter=[...] (e.g. fewer layers, or avoid "
+                    "hook_pattern / hook_attn_scores, which grow with pos^2), device=\"cpu\" to keep the cache off the "
+                    "accelerator, fewer prompts / positions; or pass max_cache_bytes=None to run it anyway."
+                )
         out, cache = super().run_with_cache(*args, **kwargs)
         return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+
+    def estimate_cache_bytes(self, inputs: dict[str, Any], names_filter: Any = None) -> int:
+        """Bytes a run_with_cache of `inputs` would hold for the hooks `names_filter` selects (None: all), from the
+        config and input shapes alone (nothing runs): decoder patterns / scores are batch * heads * pos^2 per
+        layer, other decoder hooks batch * pos * width; vision hooks are bounded from pixel_values' crops / patches."""
+        if names_filter is None:
+            names = list(self.hook_dict)
+        elif isinstance(names_filter, str):
+            names = [names_filter]
+        elif callable(names_filter):
+            names = [n for n in self.hook_dict if names_filter(n)]
+        else:
+            names = list(names_filter)
+        ids = inputs.get("input_ids")
+        b, s = tuple(ids.shape) if isinstance(ids, Tensor) and ids.ndim == 2 else (1, 0)
+        c, v = self.cfg, self.cfg.vision
+        item = self.embed.weight.element_size()
+        pv = inputs.get("pixel_values", self._bound.get("pixel_values"))
+        n_seq, n_tok = 0, 0  # vision: attention sequences (crops / images) and tokens per sequence (upper bound)
+        if isinstance(pv, Tensor) and v is not None:
+            if pv.ndim == 2:  # Qwen: flattened patches of all images
+                n_seq, n_tok = 1, pv.shape[0]
+            else:
+                n_seq = pv.shape[0] * (pv.shape[1] if pv.ndim == 5 else 1)
+                n_tok = (v.image_size // v.patch_size) ** 2 + 1 if v.image_size else 0
+        n_feat = len(c.vision_feature_layer) if isinstance(c.vision_feature_layer, (list, tuple)) else 1
+        v_width = 0 if v is None else max(v.d_model * n_feat, v.d_mlp)
+        total = 0
+        for name in names:
+            leaf = name.rsplit(".", 1)[-1]
+            if name.startswith(("vision.", "projector.")):
+                if leaf in ("hook_pattern", "hook_attn_scores"):
+                    total += n_seq * (v.n_heads if v else 1) * n_tok**2
+                else:
+                    total += n_seq * n_tok * max(v_width, c.d_model)
+                continue
+            if leaf in ("hook_pattern", "hook_attn_scores"):
+                per = c.n_heads * s
+            elif leaf in ("hook_q", "hook_rot_q", "hook_z"):
+                per = c.n_heads * c.d_head
+            elif leaf in ("hook_k", "hook_v", "hook_rot_k"):
+                per = c.n_key_value_heads * c.d_head
+            elif leaf == "hook_result":
+                per = c.n_heads * c.d_model
+            elif leaf in ("hook_pre", "hook_pre_linear", "hook_post") and ".mlp." in name:
+                per = c.d_mlp
+            elif leaf == "hook_scale":
+                per = 1
+            else:
+                per = c.d_model
+            total += b * s * per
+        return int(total * item)
 
     def layout(self, inputs: dict[str, Any] | None = None, **kwargs: Any) -> TokenLayout:
         """Where every image token sits (crop, row, col), text positions, end-of-image, position ids."""
@@ -207,8 +282,34 @@ class HookedVLM(HookedRootModule):
         hf_model, proc = load_hf(name_or_dir, dtype=dtype, device=device, device_map=device_map, processor=processor)
         return cls.from_hf(hf_model, proc, copy_weights=False)
 
-    def hook_names(self) -> list[str]:
-        return list(self.hook_dict)
+    def hook_names(self, inputs: Mapping[str, Any] | None = None) -> list[str] | "HookShapes":
+        """Every hook name (a list). Given model inputs, a `HookShapes` {name: shape} for those inputs instead
+        (see `hook_shapes`); it prints as a table and iterates over the names like the list does."""
+        return list(self.hook_dict) if inputs is None else self.hook_shapes(inputs)
+
+    @torch.no_grad()
+    def hook_shapes(self, inputs: Mapping[str, Any] | None = None, **kwargs: Any) -> "HookShapes":
+        """{hook name: activation shape} for these inputs, in hook order, from one forward that records shapes
+        only (no tensor is kept). Hooks that did not run on these inputs map to None (e.g. vision blocks after the
+        feature layer). Lazily computed activations (hook_pattern, hook_result) are computed for the record.
+
+            model.hook_shapes(inputs)["blocks.0.attn.hook_pattern"]   # (batch, n_heads, pos, pos)
+        """
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def record(tensor: Any, hook: HookPoint) -> None:
+            shapes.setdefault(hook.name, tuple(tensor.shape) if isinstance(tensor, Tensor) else None)
+
+        with self.hooks(fwd_hooks=[(lambda name: True, record)]):
+            self(**{**(inputs or {}), **kwargs})
+        return HookShapes((name, shapes.get(name)) for name in self.hook_dict)
+
+    def extra_repr(self) -> str:
+        c, v = self.cfg, self.cfg.vision
+        vision = "" if v is None else f"vision: {v.n_layers} blocks, d={v.d_model}, patch={v.patch_size}, image_size={v.image_size}; "
+        return (f"family={c.family!r}, n_layers={c.n_layers}, d_model={c.d_model}, n_heads={c.n_heads} "
+                f"(kv {c.n_key_value_heads}), d_vocab={c.d_vocab}, {vision}{len(self.hook_dict)} hooks: "
+                "model.hook_names(inputs) lists them with their shapes")
 
     # ------------------------------------------------------------------- hook checks (every way of adding)
     def _check_hook_name(self, name: Any) -> None:
@@ -229,6 +330,17 @@ class HookedVLM(HookedRootModule):
     def _enable_hook_with_name(self, name: str, hook: Any, dir: str) -> None:
         self._check_hook_name(name)
         super()._enable_hook_with_name(name, _checked(hook, name) if dir == "fwd" else hook, dir)
+
+
+class HookShapes(dict):
+    """{hook name: shape tuple (None: did not run)}; prints one aligned line per hook."""
+
+    def __repr__(self) -> str:
+        width = max((len(n) for n in self), default=0)
+        return "\n".join(f"{n:<{width}}  {'did not run' if s is None else list(s)}" for n, s in self.items())
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
 
 
 def _checked(fn: Any, name: str) -> Any:

@@ -217,10 +217,36 @@ class LlavaOnevision(Llava):
         vision_feature_select_strategy: str | None = None, vision_aspect_ratio: str | None = None,
     ) -> Tensor:
         plans = self._plans(model.cfg, image_sizes, batch_num_images, vision_aspect_ratio)
+        if batch_num_images is not None:
+            self._check_batch_num_images(model, input_ids, pixel_values, image_sizes, batch_num_images,
+                                         vision_feature_select_strategy)
         feats = model.vision(self._crops(pixel_values, plans), feature_layers(model.cfg, vision_feature_layer))
         if self._strategy(model.cfg, vision_feature_select_strategy) == "default":
             feats = feats[:, 1:]
         return model.projector(feats, plans)
+
+    def _check_batch_num_images(self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor, image_sizes: Any,
+                                batch_num_images: Any, strategy: str | None) -> None:
+        """batch_num_images must give one count per prompt, and each prompt's images must account for exactly
+        that prompt's image tokens (HF would only fail later with an anonymous count mismatch)."""
+        counts = [int(n) for n in torch.as_tensor(batch_num_images).flatten().tolist()]
+        if len(counts) != input_ids.shape[0]:
+            raise ValueError(f"batch_num_images has {len(counts)} entries {counts}, expected one per prompt "
+                             f"({input_ids.shape[0]} prompts)")
+        per_image = [len(c.row) for c in self.image_coords(model, input_ids, pixel_values, image_sizes, batch_num_images,
+                                                           vision_feature_select_strategy=strategy)]
+        have = (input_ids == model.cfg.image_token_id).sum(1).tolist()
+        if sum(per_image) != sum(have):
+            raise ValueError(f"the text has {sum(have)} image tokens but the images give {sum(per_image)} feature vectors; "
+                             f"batch_num_images {counts} decides which images get a single crop, so check it as well "
+                             "as the processor's image-token expansion")
+        start = 0
+        for b, n in enumerate(counts):
+            want = sum(per_image[start : start + n])
+            if want != have[b]:
+                raise ValueError(f"batch_num_images {counts} gives prompt {b} {n} image(s) = {want} image tokens, but the "
+                                 f"prompt has {have[b]} image tokens")
+            start += n
 
     def image_coords(
         self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor = None, image_sizes: Any = None,

@@ -36,9 +36,10 @@ from .vit import vision_block
 
 
 def _check_grid(pixel_values: Tensor, grid_thw: Tensor, cfg: VisionCfg) -> None:
-    if not isinstance(grid_thw, Tensor) or grid_thw.ndim != 2 or grid_thw.shape[1] != 3:
+    if not isinstance(grid_thw, Tensor) or grid_thw.ndim != 2 or grid_thw.shape[1] != 3 or grid_thw.is_floating_point():
         shape = tuple(getattr(grid_thw, "shape", ()))
-        raise ValueError(f"image_grid_thw: expected an integer tensor [n_images, 3], got {shape}")
+        raise ValueError(f"image_grid_thw: expected an integer tensor [n_images, 3], got {shape} "
+                         f"{getattr(grid_thw, 'dtype', type(grid_thw).__name__)}")
     patch_dim = cfg.n_channels * cfg.temporal_patch_size * cfg.patch_size**2
     if pixel_values.ndim != 2 or pixel_values.shape[1] != patch_dim:
         raise ValueError(

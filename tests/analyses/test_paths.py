@@ -1,0 +1,112 @@
+"""analyses.paths (float64 tiny LLaVA): path patching from the clean run itself has no effect; with nothing
+downstream frozen (last layer's heads -> logits, MLPs recomputed) it equals activation patching of those heads' z;
+with frozen MLPs the receiver's input is resid_clean + sum over senders of (z_X - z_C) W_O (checked against that
+formula for q receivers and for the logits); senders at or after the receiver's layer have no path; batching
+equals the one-set-per-forward loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analyses.lens import decode
+from analyses.metrics import LogitDiff
+from analyses.patching import patch_sweep
+from analyses.paths import head_receivers, path_patch, path_patch_heads
+from hooked_vlm import HookedVLM
+from tiny import llava_inputs, tiny_llava
+
+TOL = dict(rtol=1e-9, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    hf = tiny_llava()
+    model = HookedVLM.from_hf(hf).double()
+    clean = llava_inputs(hf, batch=2, pad_left=1, seed=0)
+    clean["pixel_values"] = clean["pixel_values"].double()
+    cf = dict(clean, input_ids=clean["input_ids"].clone())
+    cf["input_ids"][:, -3:] = (cf["input_ids"][:, -3:] + 5) % 60 + 1
+    cf["pixel_values"] = llava_inputs(hf, batch=2, pad_left=1, seed=1)["pixel_values"].double()
+    metric = LogitDiff(torch.tensor([3, 4]), torch.tensor([5, 6]), clean["attention_mask"])
+    return model, clean, cf, metric
+
+
+def _caches(model, inputs):
+    with torch.no_grad():
+        _, cache = model.run_with_cache(**inputs)
+    return cache
+
+
+def test_clean_counterfactual_has_no_effect(setup):
+    model, clean, _, metric = setup
+    sets = [[(0, 0)], [(0, 1), (1, 3)], [(l, h) for l in range(2) for h in range(4)]]
+    for receivers in ("logits", head_receivers(model, 2, 1)):
+        res = path_patch(model, clean, clean, metric, sets, receivers, per_prompt=True, progress=False)
+        torch.testing.assert_close(res.effect(), torch.zeros_like(res.scores), **TOL)
+
+
+def test_last_layer_to_logits_is_activation_patching(setup):
+    model, clean, cf, metric = setup
+    last = model.cfg.n_layers - 1
+    heads = [[(last, h)] for h in range(4)] + [[(last, h) for h in range(4)]]
+    ours = path_patch(model, clean, cf, metric, heads, "logits", freeze_mlps=False, per_prompt=True, progress=False)
+    sites = [(f"blocks.{last}.attn.hook_z", None, [h]) for h in range(4)] + [(f"blocks.{last}.attn.hook_z", None, None)]
+    act = patch_sweep(model, clean, cf, metric, sites, direction="noise", per_prompt=True, progress=False)
+    torch.testing.assert_close(ours.scores, act.scores, **TOL)
+    assert ours.effect().abs().max() > 1e-3
+
+
+def test_matches_direct_path_formula(setup):
+    model, clean, cf, metric = setup
+    cc, cx = _caches(model, clean), _caches(model, cf)
+    senders = [(0, 1), (1, 2), (1, 0)]
+
+    def patched_resid(name):
+        x = cc[name].clone()
+        for l, h in senders:
+            if name == "final" or int(name.split(".")[1]) > l:
+                dz = cx[f"blocks.{l}.attn.hook_z"][:, :, h] - cc[f"blocks.{l}.attn.hook_z"][:, :, h]
+                x = x + dz @ model.blocks[l].attn.W_O[h]
+        return x
+
+    # logits: the senders' direct effect through the final residual
+    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    cc.cache_dict["final"] = cc[final]
+    expected = metric(decode(model, patched_resid("final")))
+    res = path_patch(model, clean, cf, metric, [senders], "logits", per_prompt=True, progress=False)
+    torch.testing.assert_close(res.scores[0], expected.detach(), **TOL)
+    # q of head 3 and k of kv head 0 at layer 2: recomputed from the path-patched resid_pre with the layer's modules
+    block = model.blocks[2]
+    x = block.ln1(patched_resid("blocks.2.hook_resid_pre"))
+    b, p = clean["input_ids"].shape
+    q = block.attn.q_proj(x).view(b, p, 4, -1)
+    k = block.attn.k_proj(x).view(b, p, 2, -1)
+
+    def put(act, hook):
+        out = act.clone()
+        if hook.name.endswith("hook_q"):
+            out[:, :, 3] = q[:, :, 3]
+        else:
+            out[:, :, 0] = k[:, :, 0]
+        return out
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[("blocks.2.attn.hook_q", put), ("blocks.2.attn.hook_k", put)]):
+        expected = metric(model(**clean))
+    res = path_patch(model, clean, cf, metric, [senders], [(2, "q", 3), (2, "k", 0)], per_prompt=True, progress=False)
+    torch.testing.assert_close(res.scores[0], expected, **TOL)
+    assert (res.scores[0] - res.clean).abs().max() > 1e-4
+
+
+def test_no_path_backwards_and_batching(setup):
+    model, clean, cf, metric = setup
+    res = path_patch(model, clean, cf, metric, [[(1, 0)], [(1, 2), (2, 1)]], head_receivers(model, 1, 2),
+                     per_prompt=True, progress=False)
+    torch.testing.assert_close(res.effect(), torch.zeros_like(res.scores), **TOL)
+    recv = head_receivers(model, 2, 0) + [(1, "v", 1)]
+    kw = dict(per_prompt=True, progress=False, receiver_positions=[-1, -2], sender_positions=torch.arange(26) > 3)
+    batched = path_patch_heads(model, clean, cf, metric, recv, batch_size=16, **kw)
+    loop = path_patch_heads(model, clean, cf, metric, recv, batch_size=1, **kw)
+    assert batched.scores.shape == (3, 4, 2)
+    torch.testing.assert_close(batched.scores, loop.scores, **TOL)
+    assert batched.effect()[:2].abs().max() > 1e-4  # layers 0, 1 reach layer 2
+    torch.testing.assert_close(batched.effect()[2], torch.zeros(4, 2, dtype=torch.float64), **TOL)
