@@ -35,7 +35,7 @@ def load_hf(name_or_dir: str, dtype: torch.dtype | None = None, device: Any = No
     if processor == "auto":
         try:
             processor = AutoProcessor.from_pretrained(name_or_dir)
-        except (OSError, ValueError) as err:  # a checkpoint without processor files is still usable with tokens
+        except (OSError, ValueError, ImportError) as err:  # e.g. no processor files, or one that needs torchvision
             import warnings
 
             warnings.warn(f"no processor could be loaded from {name_or_dir} ({err}); pass processor= yourself")

@@ -32,7 +32,6 @@ class HookedVLM(HookedRootModule):
         self.cfg = cfg
         self.family = get_family(cfg.family)
         self.processor = processor
-        self.tokenizer = getattr(processor, "tokenizer", processor)
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
         self.hook_token_embed = HookPoint()  # token embeddings before image features are placed [batch, pos, d_model]
         self.vision = self.family.build_vision(cfg)
@@ -132,7 +131,7 @@ class HookedVLM(HookedRootModule):
         out, cache = super().run_with_cache(*args, **kwargs)
         return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
 
-    def estimate_cache_bytes(self, inputs: dict[str, Any], names_filter: Any = None) -> int:
+    def estimate_cache_bytes(self, inputs: Mapping[str, Any], names_filter: Any = None) -> int:
         """Bytes a run_with_cache of `inputs` would hold for the hooks `names_filter` selects (None: all), from the
         config and input shapes alone (nothing runs): decoder patterns / scores are batch * heads * pos^2 per
         layer, other decoder hooks batch * pos * width; vision hooks are bounded from pixel_values' crops / patches."""
@@ -184,7 +183,12 @@ class HookedVLM(HookedRootModule):
             total += b * s * per
         return int(total * item)
 
-    def layout(self, inputs: dict[str, Any] | None = None, **kwargs: Any) -> TokenLayout:
+    @property
+    def tokenizer(self) -> Any:
+        """The processor's tokenizer (follows `model.processor` if it is replaced)."""
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def layout(self, inputs: Mapping[str, Any] | None = None, **kwargs: Any) -> TokenLayout:
         """Where every image token sits (crop, row, col), text positions, end-of-image, position ids."""
         return build_layout(self, {**(inputs or {}), **kwargs})
 
@@ -221,12 +225,13 @@ class HookedVLM(HookedRootModule):
         finally:
             self._bound = previous
 
-    # Unembedding with ln_final's weight folded in, as TransformerLens's fold_ln: since `ln_final.hook_normalized`
-    # is x / scale BEFORE the weight, `cache["ln_final.hook_normalized"] @ model.W_U` are the logits, and
-    # ActivationCache.logit_attrs / apply_ln_to_stack attributions sum to the logits.
+    # ln_final's weight is folded into the unembedding at conversion (TransformerLens's fold_ln), and ln_final's own
+    # weight is all ones. So `cache["ln_final.hook_normalized"] @ model.W_U` are the logits, ActivationCache's
+    # logit_attrs / apply_ln_to_stack attributions sum to the logits, and TL's logit lens
+    # (`accumulated_resid(apply_ln=True) @ W_U`, which calls model.ln_final) is not scaled twice.
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.ln_final.w[:, None] * self.unembed.weight.T
+        return self.unembed.weight.T
 
     @property
     def b_U(self) -> Float[Tensor, "d_vocab"]:
@@ -267,6 +272,7 @@ class HookedVLM(HookedRootModule):
         sd["rotary.inv_freq"] = _hf_inv_freq(hf_model)
         if copy_weights:
             sd = {k: v.detach().clone() for k, v in sd.items()}
+        fold_final_norm(sd)
         model.load_state_dict(sd, strict=True, assign=True)
         model.rotary.attention_scaling = getattr(_hf_rotary(hf_model), "attention_scaling", 1.0)
         return model.eval()
@@ -360,6 +366,14 @@ def _checked(fn: Any, name: str) -> Any:
 
     checked.__wrapped__ = fn
     return checked
+
+
+def fold_final_norm(sd: dict[str, Tensor]) -> None:
+    """unembed <- unembed * ln_final.w (computed in float32), ln_final.w <- 1. New tensors: the HF model's weights
+    are untouched even when the others are shared."""
+    w = sd["ln_final.w"]
+    sd["unembed.weight"] = (sd["unembed.weight"].float() * w.float()[None, :]).to(sd["unembed.weight"].dtype)
+    sd["ln_final.w"] = torch.ones_like(w)
 
 
 def _hf_rotary(hf_model: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ end_of_image() is the <|vision_end|> token after the last image token; `position
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from jaxtyping import Bool, Int
@@ -126,7 +126,7 @@ class TokenLayout:
                 f"row {int(self.row[batch, pos])} col {int(self.col[batch, pos])}")
 
 
-def build_layout(model: Any, inputs: dict[str, Any]) -> TokenLayout:
+def build_layout(model: Any, inputs: Mapping[str, Any]) -> TokenLayout:
     inputs = dict(inputs)
     input_ids = inputs.pop("input_ids").cpu()
     attention_mask = inputs.pop("attention_mask", None)

@@ -194,7 +194,7 @@ def qwen_compare(hf, model, inputs, tol: float = 1e-4, pattern_tol: float = 1e-5
         (ref.attentions[l] - cache[f"blocks.{l}.attn.hook_pattern"]).permute(0, 2, 1, 3)[real].abs().max().item()
         for l in range(model.cfg.n_layers)
     )
-    final = cache["ln_final.hook_normalized"] * model.ln_final.w
+    final = cache["ln_final.hook_normalized"] * hf_final_norm_weight(hf)  # ours has it folded into W_U
     diffs["ln_final"] = (ref.hidden_states[-1] - final)[real].abs().max().item()
     if inputs.get("pixel_values") is not None:
         with torch.no_grad():
@@ -205,3 +205,11 @@ def qwen_compare(hf, model, inputs, tol: float = 1e-4, pattern_tol: float = 1e-5
     assert diffs["pattern"] <= pattern_tol, diffs
     assert ref.logits[real].std() > 0.3  # logits with spread: a wrong position or mask cannot hide under tol
     return diffs
+
+
+def hf_final_norm_weight(hf) -> torch.Tensor:
+    """The HF decoder's final norm weight (HookedVLM folds it into the unembedding)."""
+    for name, module in hf.named_modules():
+        if name.endswith("language_model.norm"):
+            return module.weight
+    raise ValueError("no language_model.norm in this HF model")

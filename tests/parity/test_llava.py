@@ -1,7 +1,7 @@
 """LLaVA-1.5 parity against tiny random HF models: logits, residual stream, eager attention patterns."""
 import pytest
 import torch
-from tiny import llava_inputs, tiny_llava
+from tiny import hf_final_norm_weight, llava_inputs, tiny_llava
 
 from hooked_vlm import HookedVLM
 
@@ -19,7 +19,7 @@ def compare(hf, model, inputs, tol=1e-4):
         # padded query rows are uniform in both; compare real query rows
         pat_ref, pat = ref.attentions[l], cache[f"blocks.{l}.attn.hook_pattern"]
         assert (pat_ref - pat).permute(0, 2, 1, 3)[real].abs().max() <= 1e-5
-    assert torch.allclose(ref.hidden_states[-1][real], cache["ln_final.hook_normalized"][real] * model.ln_final.w, atol=tol)
+    assert torch.allclose(ref.hidden_states[-1][real], cache["ln_final.hook_normalized"][real] * hf_final_norm_weight(hf), atol=tol)
 
 
 @pytest.mark.parametrize("tower,decoder,strategy,layer", CASES)

@@ -69,3 +69,13 @@ def test_tl_patching_helper_runs_with_the_image(setup):
     # without binding, image patching would silently drop the image: our model refuses instead
     with pytest.raises(ValueError, match="no pixel_values"):
         model(inputs["input_ids"])
+
+
+def test_tl_logit_lens_at_last_layer_equals_logits(setup):
+    """accumulated_resid(apply_ln=True) calls model.ln_final; with the final norm's weight folded into W_U the lens
+    is not scaled twice."""
+    _, model, inputs = setup
+    logits, cache = model.run_with_cache(**inputs)
+    lens = cache.accumulated_resid(layer=None, apply_ln=True) @ model.W_U
+    assert torch.allclose(lens[-1], logits, atol=1e-4)
+    assert torch.equal(model.ln_final.w, torch.ones_like(model.ln_final.w))
