@@ -172,8 +172,8 @@ def heads_section(model: HookedVLM, report: Report, n: int, seed: int) -> dict[s
 
 
 def binding_section(model: HookedVLM, report: Report, n: int, seed: int) -> dict[str, Any]:
-    matrices, row_labels, col_labels = binding.shapes_factorizability(model, n=min(n, 32), seed=seed)
-    mean = binding.shapes_mean_intervention(model, n_fit=min(n, 64), n_eval=min(n, 32), seed=seed)
+    matrices, row_labels, col_labels = binding.shapes_factorizability(model, n=min(n, 16), seed=seed)
+    mean = binding.shapes_mean_intervention(model, n_fit=min(n, 32), n_eval=min(n, 16), seed=seed)
     rows = [dict(delta=k, swapped=v.get("swapped", float("nan")), kept=v.get("kept", float("nan")),
                  random_control_swapped=v.get("random_swapped", float("nan"))) for k, v in mean.items()]
     report.add("Binding IDs: factorizability and mean interventions",
@@ -262,9 +262,12 @@ def run_demo(model_path: str | None = None, out_dir: str = "report", n: int = 25
              ("spatial", lambda: spatial_section(model, report, n, seed)),
              ("planted_circuit", lambda: planted_section(report, record)),
              ("circuit_recovery", lambda: circuit_section(model, report, record, n, seed))]
+    summary["section_seconds"] = {}
     for name, step in tqdm(steps, desc="demo"):
+        t = time.perf_counter()
         with torch.enable_grad() if name in ("patching", "circuit_recovery", "spatial") else torch.no_grad():
             summary[name] = step()
+        summary["section_seconds"][name] = time.perf_counter() - t
     summary["seconds"] = time.perf_counter() - start
     report.summary = summary
     index = report.write(out_dir)
