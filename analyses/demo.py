@@ -216,11 +216,11 @@ def spatial_section(model: HookedVLM, report: Report, n: int, seed: int) -> dict
 def circuit_section(model: HookedVLM, report: Report, record: dict[str, Any] | None, n: int, seed: int) -> list[dict[str, Any]]:
     if record is None:
         return []
-    rows = ground_truth.bench_circuits(model, record, n=min(n, 64), seed=seed)
+    rows = ground_truth.bench_circuits(model, record, n=min(n, 32), seed=seed, n_random=10)
     report.add("Does each method find the known circuit?",
                "Rank (1 = most important of all heads) of each planted head under each method, precision/recall at k "
                "(k = number of planted heads), and shape -> item accuracy after zero-ablating the method's top-k heads "
-               "vs k random heads (mean of 20 draws), for an image counterfactual (shapes swapped) and a text one "
+               "vs k random heads (mean of 10 draws), for an image counterfactual (shapes swapped) and a text one "
                "(the context's items swapped). A method can only find what its counterfactual changes: the shape swap "
                "does not touch the context-binding gather head L0H0, the item swap does not need the image lookup "
                "L1H0. L1H0 also has learned backups (L1H1/L1H2 read the image too), so single-head ablation cannot "

@@ -99,7 +99,7 @@ def circuit_methods(model: Any, clean: Any, cf: Any) -> dict[str, Callable[[], T
     }
 
 
-def bench_circuits(model: Any, record: dict[str, Any], n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
+def bench_circuits(model: Any, record: dict[str, Any], n: int = 64, seed: int = 0, n_random: int = 20) -> list[dict[str, Any]]:
     """Every method on two counterfactuals of the shape -> item query: an image one (shapes swapped) and a text
     one (items swapped in the context). One row per (counterfactual, method)."""
     from hooked_vlm.organism import ShapesGenerator
@@ -114,7 +114,8 @@ def bench_circuits(model: Any, record: dict[str, Any], n: int = 64, seed: int = 
     }
     for cf_name, pairs in counterfactuals.items():
         clean, cf = encode(model.processor, [p[0] for p in pairs]), encode(model.processor, [p[1] for p in pairs])
-        for row in evaluate_methods(model, circuit_methods(model, clean, cf), planted, clean.inputs, clean.accuracy(), seed=seed):
+        for row in evaluate_methods(model, circuit_methods(model, clean, cf), planted, clean.inputs, clean.accuracy(),
+                                   n_random=n_random, seed=seed):
             rows.append(dict(counterfactual=cf_name, **row))
     return rows
 
