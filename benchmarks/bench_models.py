@@ -1,11 +1,12 @@
 """Random Hugging Face models of realistic shape and matching inputs for the benchmarks (built in code, no downloads).
 
 CPU shapes (fit 2 cores):
-  llava      LLaVA-1.5-shaped: CLIP tower (width d/2, d/2... 4 layers, 448 px, patch 14 -> 1024 image tokens) ->
-             2-layer MLP projector -> Llama decoder (d 512, 8 layers, 8 heads, GQA 4, MLP 2048); ~1.1k tokens.
+  llava      LLaVA-1.5-shaped: CLIP tower (width 256, 4 layers, 448 px, patch 14 -> 1024 image tokens) ->
+             2-layer MLP projector -> Llama decoder (d 512, 8 layers, 8 heads, GQA 4, MLP 2048); 1091 tokens.
+             (--quick: d 256, 4 layers, 224 px -> 323 tokens.)
   qwen2_vl   Qwen2-VL-shaped: native-resolution ViT (width 256, 4 layers, patch 14, 2x2 merge) -> patch merger ->
              Qwen2 decoder (d 512, 8 layers, 8 heads, GQA 4, MLP 2816, M-RoPE [8, 12, 12]); one 672 x 672 image
-             (48 x 48 patches -> 576 image tokens) in ~1k tokens.
+             (48 x 48 patches -> 576 image tokens) in 1024 tokens. (--quick: d 256, 4 layers, 320 tokens.)
 GPU shapes (`--gpu-7b`, bf16 on cuda, ~7k tokens):
   llava      LLaVA-OneVision-7B: SigLIP-so400m (1152 wide, 27 layers, 384 px, patch 14) + Qwen2-7B decoder (3584 wide,
              28 layers, 28 heads, GQA 4, MLP 18944, vocab 152064); one 1152 x 1152 image, anyres_max_9 -> 3 x 3 crops

@@ -23,8 +23,12 @@ Timing: contenders run in interleaved rounds and each keeps its minimum (bench_m
 Sweeps are timed on one unit of sites (ours: `batch_size` sites, i.e. one batched forward; references:
 `--ref-sites` patches, one forward each), each a complete call including its fixed cost (baselines and the clean
 cache). The fixed costs are timed alone in the same rounds; per-site cost = (unit - fixed cost) / sites, and the
-full sweep is projected as fixed cost + per-site cost x sites (ours: rounded up to whole batches). `--full-sweep` runs the complete sweeps
-once as a check (on the --quick models the projection was within 10% of the full run).
+full sweep is projected as fixed cost + per-site cost x sites (ours: rounded up to whole batches).
+`--full-sweep` runs the complete sweeps once as a check (on the --quick models the projection was within 10% of
+the full run).
+
+nnsight is optional (`pip install nnsight`; not a project dependency): without it that reference is skipped and
+the JSON says why.
 """
 from __future__ import annotations
 
