@@ -213,3 +213,19 @@ def hf_final_norm_weight(hf) -> torch.Tensor:
         if name.endswith("language_model.norm"):
             return module.weight
     raise ValueError("no language_model.norm in this HF model")
+
+
+def bf16_errors(hf, inputs, processor=None, real=None):
+    """(our bf16 error, HF's bf16 error, converted model, our bf16 logits), each error the max abs difference from
+    HF's fp32 logits (on `real` positions if given). The documented rule is our_err <= 2 * hf_err. Casts `hf`."""
+    from hooked_vlm import HookedVLM
+
+    with torch.no_grad():
+        ref32 = hf(**inputs).logits
+        hf = hf.to(torch.bfloat16)
+        model = HookedVLM.from_hf(hf, processor)
+        bf = dict(inputs, pixel_values=inputs["pixel_values"].to(torch.bfloat16))
+        hf16 = hf(**bf).logits.float()
+        ours = model(**bf)
+    sel = (lambda t: t[real]) if real is not None else (lambda t: t)
+    return sel(ours.float() - ref32).abs().max(), sel(hf16 - ref32).abs().max(), model, ours

@@ -1,7 +1,7 @@
 """LLaVA-1.5 parity against tiny random HF models: logits, residual stream, eager attention patterns."""
 import pytest
 import torch
-from tiny import hf_final_norm_weight, llava_inputs, tiny_llava
+from tiny import bf16_errors, hf_final_norm_weight, llava_inputs, tiny_llava
 
 from hooked_vlm import HookedVLM
 
@@ -51,16 +51,8 @@ def test_llava_bf16_within_documented_tolerance():
     """bf16 end to end. Documented tolerance: our bf16 logits are no further from the fp32 reference than
     2x HF's own bf16 logits are (bf16 has 8 mantissa bits; different but equally valid op orders drift)."""
     hf = tiny_llava()
-    inputs = llava_inputs(hf, batch=2)
-    with torch.no_grad():
-        ref32 = hf(**inputs).logits
-        hf = hf.to(torch.bfloat16)
-        model = HookedVLM.from_hf(hf)
-        bf = dict(inputs, pixel_values=inputs["pixel_values"].to(torch.bfloat16))
-        hf16 = hf(**bf).logits.float()
-        ours = model(**bf)
+    our_err, hf_err, model, ours = bf16_errors(hf, llava_inputs(hf, batch=2))
     assert model.cfg.dtype == torch.bfloat16 and ours.dtype == torch.bfloat16
-    hf_err, our_err = (hf16 - ref32).abs().max(), (ours.float() - ref32).abs().max()
     assert 0 < our_err <= 2 * hf_err, (our_err, hf_err)
 
 

@@ -3,7 +3,7 @@ image-token counts are the processor's): logits, residual stream, eager attentio
 features; anyres unpadding and anyres_max downsampling; the single-crop path of multi-image prompts; TokenLayout."""
 import pytest
 import torch
-from tiny import onevision_processor, random_image, tiny_llava_onevision
+from tiny import bf16_errors, onevision_processor, random_image, tiny_llava_onevision
 
 from hooked_vlm import HookedVLM
 
@@ -160,14 +160,7 @@ def test_bf16_within_documented_tolerance():
     """Our bf16 logits are no further from the fp32 reference than 2x HF's own bf16 logits (see test_llava.py)."""
     hf = tiny_llava_onevision()
     proc = onevision_processor(hf)
-    inputs = one_image(proc)
-    with torch.no_grad():
-        ref32 = hf(**inputs).logits
-        hf = hf.to(torch.bfloat16)
-        model = HookedVLM.from_hf(hf, proc)
-        bf = dict(inputs, pixel_values=inputs["pixel_values"].to(torch.bfloat16))
-        hf_err = (hf(**bf).logits.float() - ref32).abs().max()
-        our_err = (model(**bf).float() - ref32).abs().max()
+    our_err, hf_err, _, _ = bf16_errors(hf, one_image(proc), proc)
     assert 0 < our_err <= 2 * hf_err, (our_err, hf_err)
 
 

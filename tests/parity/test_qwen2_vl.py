@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import QWEN_IMAGE, QWEN_VEND, QWEN_VSTART, qwen_compare, qwen_image_processor, qwen_inputs, tiny_qwen_vl
+from tiny import QWEN_IMAGE, bf16_errors, QWEN_VEND, QWEN_VSTART, qwen_compare, qwen_image_processor, qwen_inputs, tiny_qwen_vl
 
 from hooked_vlm import HookedVLM
 
@@ -147,16 +147,8 @@ class QwenVLSuite:
         """bf16 end to end: our bf16 logits are no further from the fp32 reference than 2x HF's own bf16 logits."""
         hf = tiny_qwen_vl(self.kind)
         inputs = qwen_inputs(MIXED)
-        real = inputs["attention_mask"].bool()
-        with torch.no_grad():
-            ref32 = hf(**inputs).logits
-            hf = hf.to(torch.bfloat16)
-            model = HookedVLM.from_hf(hf)
-            bf = dict(inputs, pixel_values=inputs["pixel_values"].to(torch.bfloat16))
-            hf16 = hf(**bf).logits.float()
-            ours = model(**bf)
+        our_err, hf_err, model, ours = bf16_errors(hf, inputs, real=inputs["attention_mask"].bool())
         assert model.cfg.dtype == torch.bfloat16 and ours.dtype == torch.bfloat16
-        hf_err, our_err = (hf16 - ref32)[real].abs().max(), (ours.float() - ref32)[real].abs().max()
         assert 0 < our_err <= 2 * hf_err, (our_err, hf_err)
 
     def test_save_pretrained_round_trip(self, pair, tmp_path):
