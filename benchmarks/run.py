@@ -50,6 +50,7 @@ sys.path.insert(0, str(HERE.parent))
 from bench_measure import Meter, machine_info  # noqa: E402
 from bench_models import Setup, llava_setup, qwen_setup, seven_b_setup, text_counterfactual  # noqa: E402
 from bench_sweeps import hf_hook_sweep, nnsight_available, nnsight_sweep, wrap_nnsight  # noqa: E402
+from hooked_vlm.hf_compat import cache_keyword, output_cache  # noqa: E402
 
 N_POSITIONS = 20  # positions per layer in the patching sweep
 
@@ -91,7 +92,7 @@ def suffix_cost(hf, model, corrupt: dict, start: int, meter: Meter, reps: int) -
             for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
                 if key in prefix:
                     prefix[key] = prefix[key][:, :start]
-            past = hf(**prefix, use_cache=True).past_key_values
+            past = output_cache(hf(**prefix, use_cache=True))
             import copy
 
             image = {k: v for k, v in corrupt.items() if k not in ("input_ids", "attention_mask")}
@@ -101,7 +102,7 @@ def suffix_cost(hf, model, corrupt: dict, start: int, meter: Meter, reps: int) -
 
             def run():
                 with torch.no_grad():
-                    return hf(**rest, past_key_values=copy.deepcopy(past), use_cache=True).logits
+                    return hf(**rest, **{cache_keyword(hf): copy.deepcopy(past)}, use_cache=True).logits
 
             st = meter.compare({"suffix": run}, reps, memory=False)["suffix"]
             full = hf(**corrupt).logits[:, start:]

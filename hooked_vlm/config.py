@@ -52,6 +52,9 @@ class HookedVLMConfig:
     eps: float = 1e-6
     rope_theta: float = 10000.0
     mrope_section: list[int] | None = None  # M-RoPE sections (Qwen2-VL); None = 1-D RoPE
+    # per decoder layer: None = full causal attention, w = sliding window (the query and the w - 1 positions before
+    # it; Mistral, Qwen2's layers from max_window_layers on). None here = every layer full.
+    layer_windows: list[int | None] | None = None
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False

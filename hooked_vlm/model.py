@@ -42,11 +42,11 @@ class HookedVLM(HookedRootModule):
             TransformerBlock(
                 NORMS[cfg.normalization_type](cfg.d_model, cfg.eps),
                 Attention(cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.qkv_bias, cfg.o_bias,
-                          causal=True, rotary=True),
+                          causal=True, rotary=True, window=cfg.layer_windows[l] if cfg.layer_windows else None),
                 NORMS[cfg.normalization_type](cfg.d_model, cfg.eps),
                 GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.mlp_bias),
             )
-            for _ in range(cfg.n_layers)
+            for l in range(cfg.n_layers)
         )
         self.ln_final = NORMS[cfg.normalization_type](cfg.d_model, cfg.eps)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)

@@ -16,15 +16,17 @@ def redraw(model: torch.nn.Module, std: float = 0.15, seed: int = 0) -> torch.nn
     return model.eval()
 
 
-def tiny_llava(tower: str = "clip", decoder: str = "llama", strategy: str = "default", layer=-2, seed: int = 0, vocab: int = 64):
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config,
-                              SiglipVisionConfig)
+def tiny_llava(tower: str = "clip", decoder: str = "llama", strategy: str = "default", layer=-2, seed: int = 0, vocab: int = 64,
+               **text_kwargs):
+    """`decoder`: "llama", "qwen2" or "mistral"; `text_kwargs` go to the text config (e.g. sliding_window=8)."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig,
+                              Qwen2Config, SiglipVisionConfig)
 
     common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
     vc = CLIPVisionConfig(projection_dim=32, **common) if tower == "clip" else SiglipVisionConfig(vision_use_head=False, **common)
-    tcls = LlamaConfig if decoder == "llama" else Qwen2Config
-    tc = tcls(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512)
+    tcls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[decoder]
+    tc = tcls(**{**dict(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=512), **text_kwargs})
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=vocab - 1, vision_feature_layer=layer,
                       vision_feature_select_strategy=strategy)
     cfg._attn_implementation = "eager"

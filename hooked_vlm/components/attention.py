@@ -28,6 +28,19 @@ def offset_causal_mask(n_query: int, n_key: int, dtype: torch.dtype, device: tor
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
+def apply_window(mask: Tensor | None, n_query: int, n_key: int, window: int, dtype: torch.dtype, device: torch.device
+                 ) -> Tensor:
+    """Sliding-window attention (Mistral, Qwen2's upper layers, Gemma 3's local layers), as HF's
+    `sliding_window_overlay`: query i (at key position n_key - n_query + i) sees key j only if i_abs - j < window.
+    Added on top of `mask` (additive [batch, 1, query, key], or None = plain causal)."""
+    q_abs = torch.arange(n_key - n_query, n_key, device=device)[:, None]
+    k_abs = torch.arange(n_key, device=device)[None, :]
+    outside = (q_abs - k_abs >= window)[None, None]
+    if mask is None:
+        mask = offset_causal_mask(n_query, n_key, dtype, device)
+    return mask.masked_fill(outside, torch.finfo(dtype).min)
+
+
 class Segments:
     """Block-diagonal attention given by segment lengths along the position axis (HF's `cu_seqlens`): each
     position attends only within its own segment. The fused path runs attention per segment (segments of equal
@@ -70,6 +83,7 @@ class Attention(nn.Module):
         causal: bool,
         rotary: bool,
         rotary_in_float32: bool = False,
+        window: int | None = None,
     ):
         super().__init__()
         if n_heads % n_kv_heads:
@@ -79,6 +93,7 @@ class Attention(nn.Module):
         self.scale = d_head**-0.5
         # Qwen2-VL's vision tower rotates q/k in float32 and casts back; the decoders rotate in model dtype.
         self.rotary_in_float32 = rotary_in_float32
+        self.window = window  # sliding-window attention: each query sees its last `window` positions (None: all)
         self.q_proj = nn.Linear(d_model, n_heads * d_head, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=qkv_bias)
@@ -135,6 +150,8 @@ class Attention(nn.Module):
             k, v = torch.cat([past[0].to(k.dtype), k], dim=1), torch.cat([past[1].to(v.dtype), v], dim=1)
             if mask is None:  # causal with an offset: query i sits at key position p0 + i
                 mask = offset_causal_mask(p, k.shape[1], q.dtype, q.device)
+        if self.window is not None and k.shape[1] > self.window:  # only long inputs reach past the window
+            mask = apply_window(mask, p, k.shape[1], self.window, q.dtype, q.device)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
         if isinstance(mask, Segments):
             if self.pattern_wanted():  # the pattern hook asked for the full [query, key] matrix

@@ -141,5 +141,17 @@ def decoder_fields(tc: Any) -> dict[str, Any]:
         n_key_value_heads=tc.num_key_value_heads or tc.num_attention_heads, d_head=d_head, d_mlp=tc.intermediate_size,
         d_vocab=tc.vocab_size, act_fn=tc.hidden_act, eps=tc.rms_norm_eps, rope_theta=rope.get("rope_theta", 10000.0),
         n_ctx=tc.max_position_embeddings, mlp_bias=bool(getattr(tc, "mlp_bias", False)),
-        tie_word_embeddings=bool(getattr(tc, "tie_word_embeddings", False)),
+        tie_word_embeddings=bool(getattr(tc, "tie_word_embeddings", False)), layer_windows=layer_windows(tc),
     )
+
+
+def layer_windows(tc: Any) -> list[int | None] | None:
+    """Per-layer sliding windows of a text config, as HF applies them: Mistral slides in every layer when
+    `sliding_window` is set; Qwen2 (`use_sliding_window`) from layer `max_window_layers` on, which its config
+    spells out in `layer_types`. None when every layer attends to all earlier positions."""
+    window = getattr(tc, "sliding_window", None)
+    if window is None:
+        return None
+    types = getattr(tc, "layer_types", None) or ["sliding_attention"] * tc.num_hidden_layers
+    windows = [int(window) if kind == "sliding_attention" else None for kind in types]
+    return windows if any(w is not None for w in windows) else None

@@ -29,6 +29,26 @@ def test_llava_parity(tower, decoder, strategy, layer):
     compare(hf, model, llava_inputs(hf, batch=2, pad_left=3))
 
 
+@pytest.mark.parametrize("decoder,text_kwargs", [
+    ("mistral", dict(sliding_window=8)),  # every layer slides
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),  # layers 1, 2 slide; 0 is full
+])
+def test_llava_sliding_window_backbones(decoder, text_kwargs):
+    """Prompts (27 and 24 real tokens) several times longer than the window: sliding layers must not see past it."""
+    hf = tiny_llava("clip", decoder, **text_kwargs)
+    model = HookedVLM.from_hf(hf)
+    expected = [None if t == "full_attention" else 8 for t in getattr(hf.config.text_config, "layer_types", None) or ["sliding_attention"] * 3]
+    assert [b.attn.window for b in model.blocks] == expected
+    compare(hf, model, llava_inputs(hf, batch=2, pad_left=3))
+    # the window changes the answer here (a full-attention model would be far off), so the test can fail
+    full = HookedVLM.from_hf(hf)
+    for block in full.blocks:
+        block.attn.window = None
+    inputs = llava_inputs(hf, batch=2, pad_left=3)
+    with torch.no_grad():
+        assert (full(**inputs) - model(**inputs)).abs().max() > 1e-2
+
+
 def test_llava_several_images_in_one_prompt():
     hf = tiny_llava()
     model = HookedVLM.from_hf(hf)

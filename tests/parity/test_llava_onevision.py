@@ -22,7 +22,9 @@ def compare(hf, model, inputs, tol=1e-4):
     # padded query rows are uniform in both; compare real query rows
     d["pattern"] = max((ref.attentions[l] - cache[f"blocks.{l}.attn.hook_pattern"]).permute(0, 2, 1, 3)[real].abs().max().item()
                        for l in range(model.cfg.n_layers))
-    d["features"] = (ref.image_hidden_states - cache["projector.hook_out"]).abs().max().item()
+    # the packed image features are the merged embeddings at image positions (HF 5.25 dropped image_hidden_states)
+    hf_features = ref.hidden_states[0][inputs["input_ids"] == IMG]
+    d["features"] = (hf_features - cache["projector.hook_out"].reshape(hf_features.shape)).abs().max().item()
     assert ref.logits[real].std() > 0.5  # the redrawn weights give logits with spread
     assert d["logits"] <= tol and d["resid"] <= tol and d["features"] <= tol and d["pattern"] <= 1e-5, d
     return d, cache
