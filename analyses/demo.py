@@ -260,7 +260,25 @@ def _resolve(model_path: str | None) -> str:
         return str(model_path)  # a hub name or a directory HookedVLM.from_pretrained will judge
 
 
-def run_demo(model_path: str | None = None, out_dir: str = "report", n: int = 256, seed: int = 0) -> dict[str, Any]:
+def check_out_dir(out_dir: str | Path, force: bool = False) -> None:
+    """Refuse to write into an existing directory that holds files (a previous report) unless `force`."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"the demo's output {str(out)!r} exists and is not a directory; pass another --out")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not force:
+        listed = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise FileExistsError(f"the report directory {str(out)!r} already exists and holds files ({listed}); pass "
+                              "--force to overwrite it (force=True in Python), or --out another directory")
+
+
+def run_demo(model_path: str | None = None, out_dir: str = "report", n: int = 256, seed: int = 0,
+             force: bool = False) -> dict[str, Any]:
+    """Run every section and write `out_dir`/index.html and summary.json. `n` >= 1 samples per measurement; an
+    `out_dir` that already holds files is refused unless `force` (see `check_out_dir`)."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"run_demo: n must be an integer >= 1 (samples per measurement), got {n!r}")
+    check_out_dir(out_dir, force)
     torch.manual_seed(seed)
     start = time.perf_counter()
     path = _resolve(model_path)

@@ -5,6 +5,22 @@ import argparse
 import sys
 
 
+def int_at_least(low: int):
+    """An argparse `type`: an integer >= `low`; anything else is an error naming the bound and the value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="hooked-vlm", description=__doc__)
@@ -14,15 +30,16 @@ def main(argv: list[str] | None = None) -> int:
                       help="checkpoint directory, shipped organism name (e.g. shapes_qwen2_vl) or hub name "
                            "(default: the shipped LLaVA Shapes organism)")
     demo.add_argument("--out", default="report", help="output directory (default: report/)")
-    demo.add_argument("--n", type=int, default=256, help="samples per measurement (default 256)")
+    demo.add_argument("--n", type=int_at_least(1), default=256, help="samples per measurement (default 256)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true", help="overwrite the output directory if it holds files")
     sub.add_parser("train-organism", help="train the Shapes organism (see --help of the subcommand)", add_help=False)
     bench = sub.add_parser("bench-circuits", help="how well each analysis recovers the organism's planted heads")
     bench.add_argument("--model", default=None, nargs="*",
                        help="organism directories or shipped names, e.g. shapes_llava shapes_qwen2_vl (default: every "
                             "shipped organism)")
     bench.add_argument("--out", default="report", help="writes circuits.md and circuits.json here")
-    bench.add_argument("--n", type=int, default=64)
+    bench.add_argument("--n", type=int_at_least(1), default=64)
     bench.add_argument("--seed", type=int, default=0)
     if argv[:1] == ["train-organism"]:
         from .organism.train import main as train_main
@@ -30,9 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from analyses.demo import run_demo
+        from analyses.demo import check_out_dir, run_demo
 
-        run_demo(model_path=args.model, out_dir=args.out, n=args.n, seed=args.seed)
+        try:
+            check_out_dir(args.out, args.force)  # before minutes of work, not after
+        except (FileExistsError, NotADirectoryError) as err:
+            demo.error(str(err))
+        run_demo(model_path=args.model, out_dir=args.out, n=args.n, seed=args.seed, force=args.force)
     elif args.command == "bench-circuits":
         _bench_circuits(args)
     return 0

@@ -16,7 +16,9 @@ from torch import Tensor, nn
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities.slice import Slice
 
+from . import cache_guard
 from .components import NORMS, Attention, GatedMLP, RotaryEmbedding, TransformerBlock
 from .config import HookedVLMConfig
 from .families import get_family
@@ -128,6 +130,9 @@ class HookedVLM(HookedRootModule):
         if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
             got = f"{type(input_ids).__name__} {tuple(getattr(input_ids, 'shape', ()))} {getattr(input_ids, 'dtype', '')}"
             raise ValueError(f"input_ids: expected an integer tensor [batch, pos], got {got}")
+        if input_ids.numel() == 0:  # would run and return empty logits: nothing a caller asked for
+            raise ValueError(f"input_ids: expected at least one prompt of at least one token, got shape "
+                             f"{tuple(input_ids.shape)} (an empty prompt or an empty batch)")
         pv = image_inputs.get("pixel_values")
         if pv is not None and (not isinstance(pv, Tensor) or not pv.is_floating_point()):
             raise ValueError(f"pixel_values: expected a floating-point tensor, got {getattr(pv, 'dtype', type(pv).__name__)}")
@@ -141,73 +146,34 @@ class HookedVLM(HookedRootModule):
 
     def run_with_cache(self, *args: Any, max_cache_bytes: int | None | str = "default", **kwargs: Any
                        ) -> tuple[Tensor, ActivationCache]:
-        limit = self.max_cache_bytes if max_cache_bytes == "default" else max_cache_bytes
-        if limit is not None:
-            inputs = dict(kwargs, input_ids=args[0]) if args else kwargs
-            estimate = self.estimate_cache_bytes(inputs, kwargs.get("names_filter"))
-            if kwargs.get("incl_bwd"):
-                estimate *= 2
-            if estimate > limit:
-                raise ValueError(
-                    f"run_with_cache: this request would cache about {estimate / 2**30:.2f} GiB ({estimate} bytes), over "
-                    f"max_cache_bytes={limit}. Narrow it: names_filter=[...] (e.g. fewer layers, or avoid "
-                    "hook_pattern / hook_attn_scores, which grow with pos^2), device=\"cpu\" to keep the cache off the "
-                    "accelerator, fewer prompts / positions; or pass max_cache_bytes=None to run it anyway."
-                )
-        out, cache = super().run_with_cache(*args, **kwargs)
+        """TransformerLens's run_with_cache, refused before anything runs when the estimated cache is over
+        `max_cache_bytes` (default: the instance's `max_cache_bytes`), and with cache entries that a later hook's
+        in-place edit cannot rewrite (see hooked_vlm/cache_guard.py)."""
+        cache_guard.check_cache_request(self, args, kwargs,
+                                        self.max_cache_bytes if max_cache_bytes == "default" else max_cache_bytes)
+        out, cache = self._run_with_cache(*args, **kwargs)
         return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
 
+    def _run_with_cache(self, *args: Any, names_filter: Any = None, device: Any = None, remove_batch_dim: bool = False,
+                        incl_bwd: bool = False, reset_hooks_end: bool = True, clear_contexts: bool = False,
+                        pos_slice: Any = None, **kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        # TransformerLens's HookedRootModule.run_with_cache, with the alias guard around the forward
+        if remove_batch_dim and args and isinstance(args[0], Tensor) and args[0].ndim > 0 and args[0].shape[0] != 1:
+            raise ValueError(f"remove_batch_dim=True needs a batch of 1, got {args[0].shape[0]}")
+        cache, fwd, bwd = self.get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim,
+                                                 pos_slice=Slice.unwrap(pos_slice))
+        cached = {name for name, _ in fwd}
+        with cache_guard.separate_aliases(self, cache, cached.__contains__), \
+                self.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            out = self(*args, **kwargs)
+            if incl_bwd:
+                out.backward()
+        return out, cache
+
     def estimate_cache_bytes(self, inputs: Mapping[str, Any], names_filter: Any = None) -> int:
-        """Bytes a run_with_cache of `inputs` would hold for the hooks `names_filter` selects (None: all), from the
-        config and input shapes alone (nothing runs): decoder patterns / scores are batch * heads * pos^2 per
-        layer, other decoder hooks batch * pos * width; vision hooks are bounded from pixel_values' crops / patches."""
-        if names_filter is None:
-            names = list(self.hook_dict)
-        elif isinstance(names_filter, str):
-            names = [names_filter]
-        elif callable(names_filter):
-            names = [n for n in self.hook_dict if names_filter(n)]
-        else:
-            names = list(names_filter)
-        ids = inputs.get("input_ids")
-        b, s = tuple(ids.shape) if isinstance(ids, Tensor) and ids.ndim == 2 else (1, 0)
-        c, v = self.cfg, self.cfg.vision
-        item = self.embed.weight.element_size()
-        pv = inputs.get("pixel_values", self._bound.get("pixel_values"))
-        n_seq, n_tok = 0, 0  # vision: attention sequences (crops / images) and tokens per sequence (upper bound)
-        if isinstance(pv, Tensor) and v is not None:
-            if pv.ndim == 2:  # Qwen: flattened patches of all images
-                n_seq, n_tok = 1, pv.shape[0]
-            else:
-                n_seq = pv.shape[0] * (pv.shape[1] if pv.ndim == 5 else 1)
-                n_tok = (v.image_size // v.patch_size) ** 2 + 1 if v.image_size else 0
-        n_feat = len(c.vision_feature_layer) if isinstance(c.vision_feature_layer, (list, tuple)) else 1
-        v_width = 0 if v is None else max(v.d_model * n_feat, v.d_mlp)
-        total = 0
-        for name in names:
-            leaf = name.rsplit(".", 1)[-1]
-            if name.startswith(("vision.", "projector.")):
-                if leaf in ("hook_pattern", "hook_attn_scores"):
-                    total += n_seq * (v.n_heads if v else 1) * n_tok**2
-                else:
-                    total += n_seq * n_tok * max(v_width, c.d_model)
-                continue
-            if leaf in ("hook_pattern", "hook_attn_scores"):
-                per = c.n_heads * s
-            elif leaf in ("hook_q", "hook_rot_q", "hook_z"):
-                per = c.n_heads * c.d_head
-            elif leaf in ("hook_k", "hook_v", "hook_rot_k"):
-                per = c.n_key_value_heads * c.d_head
-            elif leaf == "hook_result":
-                per = c.n_heads * c.d_model
-            elif leaf in ("hook_pre", "hook_pre_linear", "hook_post") and ".mlp." in name:
-                per = c.d_mlp
-            elif leaf == "hook_scale":
-                per = 1
-            else:
-                per = c.d_model
-            total += b * s * per
-        return int(total * item)
+        """Bytes a run_with_cache of `inputs` would hold for the hooks `names_filter` selects (None: all): an upper
+        bound from the config and input shapes alone (nothing runs); per hook: `cache_guard.estimate_hook_bytes`."""
+        return cache_guard.estimate_cache_bytes(self, inputs, names_filter)
 
     @property
     def tokenizer(self) -> Any:

@@ -18,8 +18,12 @@ Those three heads are therefore *planted*: they are ground truth for checking at
 patching / knockout tools, not a discovery about real VLMs. ``organism.json`` records them.
 
 Resumable: every ``save_every`` steps the model (safetensors), optimizer (tensors only, loaded
-with ``weights_only=True``) and step/log (JSON) go to ``state_dir``. Each step's batch is drawn
-from ``numpy.random.default_rng([seed, step])``, so a resumed run sees the same data.
+with ``weights_only=True``) and a manifest naming the step go to ``state_dir``, atomically
+(hooked_vlm/organism/state.py); ``--resume`` refuses a run whose seed, family, layout, objects or
+recipe differ from the saved one. Each step's batch is drawn from
+``numpy.random.default_rng([seed, step])``, so a resumed run sees the same data.
+
+Measurement lives in measure.py, the training sequences and the planted circuit in sequences.py.
 """
 
 from __future__ import annotations
@@ -29,41 +33,23 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import shapes as S
-from .processing import IMAGE, PAD, TOKEN_TO_ID, encode_words
-from .recipes import RECIPES, Recipe, get_recipe
-
-BINDING_QUERIES = ("shape_item", "colour_item", "shape_colour")
-
-# The planted circuit: (layer, head) -> role. Descriptions are copied into organism.json.
-PLANTED_HEADS = (
-    {
-        "layer": 0, "head": 0, "role": "gather",
-        "query_positions": "each context item letter; the last token of every binding query",
-        "key_positions": "the item's own colour word in the context; the query's key word "
-                         "(the last shape word for shape queries, the colour word for colour_item)",
-    },
-    {
-        "layer": 1, "head": 0, "role": "image_lookup",
-        "query_positions": "the last token of shape_item and shape_colour queries",
-        "key_positions": "the image tokens (patches) covered by the queried object's silhouette",
-    },
-    {
-        "layer": 2, "head": 0, "role": "retrieval",
-        "query_positions": "the last token of shape_item and colour_item queries",
-        "key_positions": "the correct item letter in the context",
-    },
-)
+from . import state as ST
+from .measure import (ABLATION_GROUPS, CIRCUIT_NOTES, accuracy, attention_mass, circuit_report,  # noqa: F401
+                      evaluate, final_token_image_mass, head_ablation, predict)
+from .processing import PAD
+from .recipes import RECIPES, get_recipe
+from .sequences import (BINDING_QUERIES, PLANTED_HEADS, Sequence_, build_sequence,  # noqa: F401  (re-exported)
+                        planted_targets)
 
 
 @dataclass
@@ -113,62 +99,6 @@ def build_model(seed: int = 0, init_range: float = 0.1, family: str = "llava"):
 # --------------------------------------------------------------------------- sequences
 
 
-@dataclass
-class Sequence_:
-    """Token ids plus where the answers and the planted-head targets are."""
-
-    ids: list[int] = field(default_factory=list)
-    answers: list[tuple[int, int, str]] = field(default_factory=list)  # (last prompt pos, answer id, query)
-    sup: dict[int, list[tuple[int, list[int]]]] = field(default_factory=lambda: {0: [], 1: [], 2: []})
-
-
-def build_sequence(scene: S.Scene, blocks: Sequence[tuple[str, int]], with_answers: bool = True,
-                   family: str = "llava") -> Sequence_:
-    """Token sequence for ``scene`` with question ``blocks`` [(query, target), ...] in ``family``'s format.
-
-    With ``with_answers=False`` and one block, ``ids`` equal the processor's output for
-    ``make_sample(scene, query, target).prompt`` (tested), so the planted-head positions returned
-    here can be used on evaluation samples too. ``sup[layer]`` lists (query pos, key positions).
-    """
-    recipe = get_recipe(family)
-    seq = Sequence_()
-    ids = seq.ids
-    ids += [TOKEN_TO_ID["<bos>"], *recipe.image_block]
-    scene_only = blocks[0][0] == "scene"
-    if scene_only and len(blocks) != 1:
-        raise ValueError("a scene-description sequence holds exactly one block")
-    item_pos: dict[int, int] = {}
-    if not scene_only:
-        for i in scene.mention_order:
-            colour_pos = len(ids) + 1
-            ids += encode_words(f"The {scene.colours[i]} object contains item {scene.items[i]} .")
-            item_pos[i] = colour_pos + 4
-            seq.sup[0].append((item_pos[i], [colour_pos]))
-    for n, (query, target) in enumerate(blocks):
-        q, answer, _ = S.query_text(scene, query, target)
-        ids += encode_words(q)
-        last = len(ids) - 1
-        seq.answers.append((last, TOKEN_TO_ID[answer], query))
-        if query == "shape_item":
-            seq.sup[0].append((last, [last - 2]))
-        elif query == "colour_item":
-            seq.sup[0].append((last, [last - 3]))
-        elif query == "shape_colour":
-            seq.sup[0].append((last, [last - 1]))
-        if query in ("shape_item", "shape_colour"):
-            seq.sup[1].append((last, [recipe.first_image_pos + p for p in scene.object_patches(target)]))
-        if query in ("shape_item", "colour_item"):
-            seq.sup[2].append((last, [item_pos[target]]))
-        if with_answers or n < len(blocks) - 1:
-            ids += [TOKEN_TO_ID[answer], TOKEN_TO_ID["."]]
-    return seq
-
-
-def planted_targets(sample: S.Sample, family: str = "llava") -> dict[int, list[tuple[int, list[int]]]]:
-    """Planted-head (query pos, key positions) for an unpadded evaluation sample, per layer."""
-    return build_sequence(sample.scene, [(sample.query, sample.target)], with_answers=False, family=family).sup
-
-
 def make_batch(rng: np.random.Generator, cfg: TrainConfig, split: str = "train"):
     """A batch of fresh training sequences (right-padded; loss only at answer positions)."""
     seqs, images = [], []
@@ -206,65 +136,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.final_lr_frac + (1 - cfg.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(
-    model,
-    processor,
-    n: int = 1024,
-    seed: int = 1234,
-    heldout: bool = True,
-    queries: Sequence[str] = S.QUERIES,
-    layout: str = "fixed",
-    batch_size: int = 256,
-    n_objects: int = 2,
-) -> dict[str, float]:
-    """Accuracy per query type: argmax over the whole vocabulary at the last prompt position must
-    equal the answer token. ``heldout=True`` draws samples with at least one held-out triple;
-    ``False`` draws fresh training-distribution samples. Goes through the processor, as a user would."""
-    model.eval()
-    result = {}
-    for qi, query in enumerate(queries):
-        gen = S.ShapesGenerator(seed + 7919 * qi, layout, n_objects)
-        samples = gen.samples(n, query, split="heldout" if heldout else "train")
-        result[query] = accuracy(model, processor, samples, batch_size)
-    return result
-
-
-@torch.no_grad()
-def predict(model, processor, samples: Sequence[S.Sample], batch_size: int = 256) -> list[str]:
-    """Argmax next word after each sample's prompt."""
-    out: list[str] = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        inputs = processor(images=[s.image for s in chunk], text=[s.prompt for s in chunk],
-                           return_tensors="pt", padding=True)
-        logits = model(**inputs).logits[:, -1]
-        out += processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
-    return out
-
-
-def accuracy(model, processor, samples: Sequence[S.Sample], batch_size: int = 256) -> float:
-    preds = predict(model, processor, samples, batch_size)
-    return float(np.mean([p == s.answer for p, s in zip(preds, samples)]))
-
-
 # --------------------------------------------------------------------------- training
 
 
-def _save_state(state_dir: Path, model, opt, step: int, log: list, elapsed: float, cfg: TrainConfig) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / "tmp"
-    tmp.mkdir(exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(
-        {"step": step, "elapsed_s": elapsed, "log": log, "config": cfg.__dict__}, indent=1))
-    for name in ("model.safetensors", "optimizer.pt", "state.json"):
-        os.replace(tmp / name, state_dir / name)  # the last write completes the checkpoint
-    tmp.rmdir()
+def check_run(cfg: TrainConfig, final_eval_n: int, stop_after: Optional[int]) -> None:
+    """Refuse numbers that would write an untrained organism or NaN accuracies, naming the bound."""
+    bounds = [("steps (--steps)", cfg.steps, 1), ("final_eval_n (--eval-n)", final_eval_n, 1),
+              ("eval_n", cfg.eval_n, 1), ("batch_size", cfg.batch_size, 1), ("threads (--threads)", cfg.threads, 1),
+              ("save_every", cfg.save_every, 1), ("eval_every", cfg.eval_every, 1), ("log_every", cfg.log_every, 1),
+              ("supervise_steps (--supervise-steps)", cfg.supervise_steps, 0)]
+    for name, value, low in bounds:
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"train_organism: {name} must be an integer >= {low}, got {value!r}")
+    if stop_after is not None and not 1 <= stop_after <= cfg.steps:
+        raise ValueError(f"train_organism: stop_after (--stop-after) must be in 1..steps={cfg.steps}, got {stop_after}")
 
 
 def train_organism(
@@ -283,22 +168,36 @@ def train_organism(
     (default ``out_dir/train_state``). Returns the organism.json dict.
 
     ``stop_after``: save the training state after this global step and return ``{}`` without
-    finishing (for time-boxed chunks; continue with ``resume=True``)."""
-    cfg = cfg or TrainConfig()
-    cfg.steps, cfg.seed = steps, seed
-    torch.set_num_threads(cfg.threads)
-    out_dir = Path(out_dir)
+    finishing (for time-boxed chunks; continue with ``resume=True``). Runs with gradients whatever
+    the caller's grad mode, and leaves the grad mode and torch's thread count as it found them."""
+    cfg = replace(cfg or TrainConfig(), steps=steps, seed=seed)
+    check_run(cfg, final_eval_n, stop_after)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cfg.threads)
+        with torch.enable_grad():  # restores the caller's mode on exit, exceptions included
+            return _train(Path(out_dir), cfg, resume, state_dir, final_eval_n, progress, stop_after)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(out_dir: Path, cfg: TrainConfig, resume: bool, state_dir: Optional[str | os.PathLike], final_eval_n: int,
+           progress: bool, stop_after: Optional[int]) -> dict:
+    seed = cfg.seed
     state_dir = Path(state_dir) if state_dir is not None else out_dir / "train_state"
+    manifest = ST.read_manifest(state_dir) if resume else None
+    if manifest is not None:
+        ST.check_resumable(manifest, asdict(cfg), cfg.steps, state_dir)
     processor = get_recipe(cfg.family).build_processor()
     model = build_model(seed, cfg.init_range, cfg.family)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     start, log, elapsed = 0, [], 0.0
-    if resume and (state_dir / "state.json").exists():
-        state = json.loads((state_dir / "state.json").read_text())
-        model.load_state_dict(load_file(str(state_dir / "model.safetensors")))
-        opt.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
-        start, log, elapsed = state["step"], state["log"], state["elapsed_s"]
+    if manifest is not None:
+        ST.load_state(state_dir, manifest, model, opt)
+        start, log, elapsed = manifest["step"], manifest["log"], manifest["elapsed_s"]
         print(f"resumed from step {start} ({elapsed:.0f} s trained)")
+        if stop_after is not None and stop_after <= start:
+            return {}  # that chunk is done already
 
     t0 = time.time() - elapsed
     window: dict[str, list] = {}
@@ -350,7 +249,7 @@ def train_organism(
             log.append({"step": done, "eval_heldout": acc})
             tqdm.write(f"step {done}: held-out {acc}")
         if done % cfg.save_every == 0 or done == cfg.steps or done == stop_after:
-            _save_state(state_dir, model, opt, done, log, time.time() - t0, cfg)
+            ST.save_state(state_dir, model, opt, done, log, time.time() - t0, asdict(cfg))
         if done == stop_after:
             bar.close()
             return {}
@@ -363,137 +262,6 @@ def train_organism(
 
 def organism_name(family: str, layout: str = "fixed", n_objects: int = 2) -> str:
     return f"shapes_{family}" + ("" if layout == "fixed" else f"_{layout}") + ("" if n_objects == 2 else f"_{n_objects}obj")
-
-
-CIRCUIT_NOTES = [
-    "L0H0, L1H0 and L2H0 were supervised (planted) only during the first supervised_steps steps; "
-    "afterwards the answer loss alone shaped the model, and other heads may have learned parts of "
-    "the job too.",
-    "Single-head zero-ablation misses learned backups: read the group ablations in "
-    "head_zero_ablation_heldout (and final_token_image_mass_shape_item) before calling a planted "
-    "head unnecessary.",
-]
-
-
-@torch.no_grad()
-def attention_mass(model, processor, samples: Sequence[S.Sample], family: str = "llava") -> dict[str, float]:
-    """Mean attention mass each planted head puts on its targets (eager attention needed)."""
-    model.eval()
-    masses: dict[int, list[float]] = {0: [], 1: [], 2: []}
-    for s in samples:
-        inputs = processor(images=s.image, text=s.prompt, return_tensors="pt")
-        attn = model(**inputs, output_attentions=True).attentions
-        for layer, rows in planted_targets(s, family).items():
-            for q, keys in rows:
-                masses[layer].append(float(attn[layer][0, 0, q, keys].sum()))
-    roles = {h["layer"]: h["role"] for h in PLANTED_HEADS}
-    return {f"L{l}H0_{roles[l]}": round(float(np.mean(v)), 4) for l, v in masses.items() if v}
-
-
-class _ZeroHeads:
-    """Context manager: zero chosen decoder heads' outputs (the o_proj input slice)."""
-
-    def __init__(self, model, heads: Sequence[tuple[int, int]]):
-        self.model, self.heads, self.handles = model, list(heads), []
-
-    def __enter__(self):
-        cfg = self.model.config.text_config
-        d_head = cfg.hidden_size // cfg.num_attention_heads
-        layers = self.model.model.language_model.layers
-        for l, h in self.heads:
-            def pre_hook(module, args, h=h):
-                x = args[0].clone()
-                x[..., h * d_head : (h + 1) * d_head] = 0
-                return (x,)
-            self.handles.append(layers[l].self_attn.o_proj.register_forward_pre_hook(pre_hook))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-
-
-@torch.no_grad()
-def head_ablation(model, processor, samples: Sequence[S.Sample],
-                  groups: Optional[dict[str, Sequence[tuple[int, int]]]] = None) -> dict[str, float]:
-    """Accuracy with heads zeroed. Default: every decoder head alone, which shows what the
-    unsupervised heads contribute next to the planted ones; ``groups`` names sets of heads
-    (single-head ablation misses backups that only fail together)."""
-    if groups is None:
-        cfg = model.config.text_config
-        groups = {f"L{l}H{h}": [(l, h)] for l in range(cfg.num_hidden_layers) for h in range(cfg.num_attention_heads)}
-    result = {"none": round(accuracy(model, processor, samples), 4)}
-    for name, heads in groups.items():
-        with _ZeroHeads(model, heads):
-            result[name] = round(accuracy(model, processor, samples), 4)
-    return result
-
-
-# Head groups worth recording next to single-head ablations (the trained model has a learned
-# backup for the image lookup: L1H1 also reads the queried object's patches).
-ABLATION_GROUPS: dict[str, list[tuple[int, int]]] = {
-    "L1H0+L1H1": [(1, 0), (1, 1)],
-    "L1H0+L1H1+L1H2": [(1, 0), (1, 1), (1, 2)],
-    "L1_all": [(1, h) for h in range(4)],
-    "L1H1+L1H2+L1H3 (all but planted)": [(1, 1), (1, 2), (1, 3)],
-    "L0H1+L0H2+L0H3 (all but planted)": [(0, 1), (0, 2), (0, 3)],
-    "planted L0H0+L1H0+L2H0": [(0, 0), (1, 0), (2, 0)],
-}
-
-
-@torch.no_grad()
-def final_token_image_mass(model, processor, samples: Sequence[S.Sample]) -> list[list[float]]:
-    """[layer][head] mean attention mass from the last prompt token onto all image tokens."""
-    mass = np.zeros((model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads))
-    for s in samples:
-        inputs = processor(images=s.image, text=s.prompt, return_tensors="pt")
-        ids = inputs["input_ids"][0]
-        img = ids == IMAGE
-        attn = model(**inputs, output_attentions=True).attentions
-        for l, a in enumerate(attn):
-            mass[l] += a[0, :, -1][:, img].sum(-1).numpy() / len(samples)
-    return mass.round(3).tolist()
-
-
-def circuit_report(model, processor, n: int = 1024, layout: str = "fixed", family: str = "llava",
-                   n_objects: int = 2) -> dict:
-    """Everything organism.json says about the trained model's behaviour and heads, measured on
-    held-out-combination samples (fixed seeds, so re-running gives the same numbers)."""
-    model.eval()
-    report: dict = {
-        "accuracy": {
-            "heldout_combinations": evaluate(model, processor, n=n, seed=20_000, heldout=True, layout=layout,
-                                             n_objects=n_objects),
-            "training_distribution": evaluate(model, processor, n=n, seed=30_000, heldout=False, layout=layout,
-                                              n_objects=n_objects),
-            "n_per_query": n,
-            "metric": "argmax over the full vocabulary at the last prompt position == answer",
-        }
-    }
-    gen = S.ShapesGenerator(40_000, layout, n_objects)
-    flips = {}
-    for kind, query in (("swap_positions", "shape_item"), ("swap_shapes", "shape_item"),
-                        ("swap_colours", "shape_item"), ("swap_shapes", "colour_item"),
-                        ("change_colour", "shape_colour"), ("swap_positions", "scene"),
-                        ("change_colour", "scene")):
-        pairs = gen.pairs(min(256, n), kind, query, split="heldout")
-        cf_pred = predict(model, processor, [cf for _, cf in pairs])
-        flips[f"{kind}/{query}"] = {
-            "expected_flip": S.EXPECTED_FLIP[(kind, query)],
-            "cf_correct": round(float(np.mean([p == cf.answer for p, (_, cf) in zip(cf_pred, pairs)])), 4),
-        }
-    report["counterfactuals_heldout"] = flips
-    mass_samples = [gen.sample(q, "heldout") for q in BINDING_QUERIES for _ in range(min(64, n))]
-    report["planted_attention_mass"] = attention_mass(model, processor, mass_samples, family)
-    report["final_token_image_mass_shape_item"] = final_token_image_mass(
-        model, processor, S.ShapesGenerator(45_000, layout, n_objects).samples(min(64, n), "shape_item", "heldout"))
-    ablations = {}
-    for query in S.QUERIES:
-        samples = S.ShapesGenerator(50_000, layout, n_objects).samples(min(512, n), query, "heldout")
-        ablations[query] = {**head_ablation(model, processor, samples),
-                            **head_ablation(model, processor, samples, ABLATION_GROUPS)}
-    report["head_zero_ablation_heldout"] = ablations
-    return report
 
 
 def finish_organism(model, processor, out_dir: Path, cfg: TrainConfig, log: list, train_time: float,
@@ -570,17 +338,20 @@ def refresh_report(path: str | os.PathLike, n: int = 1024, findings: Optional[li
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: ``hooked-vlm train-organism --out DIR --steps N --seed S [--resume]``."""
+    from ..cli import int_at_least
+
     p = argparse.ArgumentParser(prog="hooked-vlm train-organism", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="shapes_organism",
                    help="where the finished organism is saved (the shipped one lives in hooked_vlm.organism.ORGANISM_DIR)")
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--steps", type=int_at_least(1), default=TrainConfig.steps)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--resume", action="store_true", help="continue from STATE_DIR if it holds a checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from STATE_DIR if it holds a checkpoint (same seed, family, layout and objects)")
     p.add_argument("--state-dir", default=None, help="training state (default OUT/train_state)")
-    p.add_argument("--supervise-steps", type=int, default=TrainConfig.supervise_steps)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--stop-after", type=int, default=None, help="save state after this step and exit")
-    p.add_argument("--eval-n", type=int, default=1024, help="samples per query type in the final evaluation")
+    p.add_argument("--supervise-steps", type=int_at_least(0), default=TrainConfig.supervise_steps)
+    p.add_argument("--threads", type=int_at_least(1), default=1)
+    p.add_argument("--stop-after", type=int_at_least(1), default=None, help="save state after this step and exit")
+    p.add_argument("--eval-n", type=int_at_least(1), default=1024, help="samples per query type in the final evaluation")
     p.add_argument("--layout", default="fixed", choices=S.LAYOUTS,
                    help="object placement: two fixed 32x32 blocks (default) or anywhere in the image")
     p.add_argument("--objects", type=int, default=2, choices=S.N_OBJECTS,
@@ -588,6 +359,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--family", default="llava", choices=sorted(RECIPES),
                    help="model family: llava (SigLIP, 1-D RoPE) or qwen2_vl (Qwen ViT + merger, M-RoPE)")
     args = p.parse_args(argv)
+    if args.stop_after is not None and args.stop_after > args.steps:
+        p.error(f"argument --stop-after: expected at most --steps ({args.steps}), got {args.stop_after}")
     cfg = TrainConfig(supervise_steps=args.supervise_steps, threads=args.threads, layout=args.layout,
                       family=args.family, n_objects=args.objects)
     spec = train_organism(args.out, steps=args.steps, seed=args.seed, resume=args.resume,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from hooked_vlm.organism import CHECKPOINTS, ShapesGenerator, load_organism, load_organism_hf, organism_record
 from hooked_vlm.organism import shipped_organisms
 from hooked_vlm.organism.processing import qwen_pixel_values
 from hooked_vlm.organism.recipes import RECIPES, get_recipe
+from hooked_vlm.organism.state import saved_model
 from hooked_vlm.organism.train import TrainConfig, build_sequence, planted_targets, train_organism
 
 SHIPPED = shipped_organisms()
@@ -49,7 +49,7 @@ def test_qwen_training_resumes_bit_identically(tmp_path):
             train_organism(tmp_path / "out", steps=4, seed=3, resume=True, state_dir=tmp_path / state,
                            cfg=TrainConfig(family="qwen2_vl", batch_size=4, eval_every=10**6), progress=False,
                            stop_after=stop)
-        return load_file(str(tmp_path / state / "model.safetensors"))
+        return saved_model(tmp_path / state)
 
     straight, resumed = run("a", [4]), run("b", [2, 4])
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
