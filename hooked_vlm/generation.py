@@ -309,6 +309,10 @@ class GenerationMixin:
         mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long())
         if mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(mask.shape)}")
+        if not bool(mask[:, -1].all()):
+            raise ValueError("generate needs left padding (new tokens follow each prompt's last real token): rows "
+                             f"{(mask[:, -1] == 0).nonzero().flatten().tolist()} end in padding. Tokenize with "
+                             "tokenizer.padding_side = 'left'")
         tok = self.tokenizer
         eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(tok, "eos_token_id", None))
         pad = pad_token_id if pad_token_id is not None else getattr(tok, "pad_token_id", None)

@@ -196,7 +196,19 @@ def test_errors(llava):
         model.run_with_hooks(**inputs, fwd_hooks=knockout_attention("text", "all_image"))
     with pytest.raises(ValueError, match="unknown position set"):
         model.generate(**inputs, max_new_tokens=1, fwd_hooks=knockout_attention("txet", "all_image"))
-    assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
+    right = dict(inputs, attention_mask=inputs["attention_mask"].flip(1))
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(**right, max_new_tokens=1)
+
+    def fail_in_decode(x, hook):
+        if current_step().phase == "decode":
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        model.generate(**inputs, max_new_tokens=3, fwd_hooks=[("blocks.0.hook_resid_pre", fail_in_decode)])
+    # neither the user's hooks nor the cache's capture hooks outlive an exception, nor a step context
+    assert not any(hp.fwd_hooks or hp._forward_hooks for hp in model.hook_dict.values())
+    assert current_step() is None
 
 
 def test_progress_switch(llava, capsys):
