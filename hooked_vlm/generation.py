@@ -102,13 +102,16 @@ def _prompt_mask(spec: Any, ctx: StepContext | None) -> Tensor:
     """A position-set spec -> bool [batch, prompt_len] (or [batch, n] as given)."""
     if isinstance(spec, Tensor):
         m = spec.bool().cpu()
+        if ctx is not None and m.shape[-1] not in (ctx.prompt_len, ctx.max_len):
+            raise ValueError(f"a position mask of length {m.shape[-1]} for a prompt of {ctx.prompt_len} positions "
+                             f"(expected [batch, {ctx.prompt_len}] or [{ctx.prompt_len}])")
         return m[None] if m.ndim == 1 else m
     if ctx is None:
         raise ValueError(f"the position set {spec!r} is resolved from the prompt's layout, which exists only inside "
                          "`model.generate` (pass a bool mask [batch, pos] to use the hook in a plain forward)")
     if callable(spec):
         return spec(ctx.layout).bool().cpu()
-    if spec not in _NAMED_SETS:
+    if not isinstance(spec, str) or spec not in _NAMED_SETS:
         raise ValueError(f"unknown position set {spec!r}; expected one of {sorted(_NAMED_SETS)}, a bool mask or a "
                          "callable layout -> mask")
     return _NAMED_SETS[spec](ctx.layout).bool().cpu()
