@@ -15,7 +15,7 @@ import torch
 from hooked_vlm import HookedVLM
 from hooked_vlm.organism import ORGANISM_DIR, ShapesGenerator, load_organism, organism_dir
 
-from . import attribution, binding, ground_truth, heads, narrow_gate, patching, plots, spatial
+from . import attribution, binding, generated, ground_truth, heads, narrow_gate, patching, plots, spatial
 from ._progress import progress_bar
 from .metrics import LogitDiff
 from .report import Report
@@ -298,6 +298,7 @@ def run_demo(model_path: str | None = None, out_dir: str = "report", n: int = 25
     steps = [("accuracy", lambda: accuracy_section(model, report, n, seed, scene_layout)),
              ("counterfactuals", lambda: counterfactual_section(model, report, n, seed, scene_layout)),
              ("narrow_gate", lambda: narrow_gate_section(model, report, n, seed, scene_layout)),
+             ("generated", lambda: generated.generated_section(model, report, n, seed, scene_layout)),
              ("patching", lambda: patching_section(model, report, n, seed, scene_layout)),
              ("heads", lambda: heads_section(model, report, n, seed, scene_layout)),
              ("binding", lambda: binding_section(model, report, n, seed)),

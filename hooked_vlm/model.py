@@ -22,13 +22,14 @@ from . import cache_guard
 from .components import NORMS, Attention, GatedMLP, RotaryEmbedding, TransformerBlock
 from .config import HookedVLMConfig
 from .families import get_family
+from .generation import GenerationMixin
 from .merge import merge_image_features
 from .positions import TokenLayout, build_layout
 
 TEXT_KWARGS = ("input_ids", "attention_mask", "position_ids")
 
 
-class HookedVLM(HookedRootModule):
+class HookedVLM(GenerationMixin, HookedRootModule):
     def __init__(self, cfg: HookedVLMConfig, processor: Any = None):
         super().__init__()
         self.cfg = cfg
