@@ -1,0 +1,476 @@
+"""TransformerLens's model API on HookedVLM: tokens and strings, weight views, loss, caching options and the
+hook-name checks. `HookedVLM` inherits `TransformerLensAPI`; model.py keeps construction and the forward.
+
+Weight views follow TransformerLens's shapes (`W_Q` [n_layers, n_heads, d_model, d_head], ...; grouped-query keys
+and values repeated to n_heads as TL's GroupedQueryAttention does). They are views of HF's weights: the decoder
+norms' weights are NOT folded into them (only ln_final's weight is, into `W_U`), so `hook_q` is
+`blocks[l].ln1(resid_pre) @ W_Q[l] + b_Q[l]` (ln1 includes its weight), not `ln1.hook_normalized @ W_Q[l]`.
+"""
+from __future__ import annotations
+
+import difflib
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.ActivationCache import ActivationCache
+from transformer_lens.FactoredMatrix import FactoredMatrix
+from transformer_lens.hook_points import HookPoint
+
+RETURN_TYPES = ("logits", "loss", "both", None)
+# hooks whose second axis is not the decoder's positions: left whole by run_with_cache(pos_slice=...)
+NOT_DECODER_POSITIONS = ("vision.", "projector.")
+
+
+class TransformerLensAPI:
+    """Mixin: everything of TransformerLens's HookedTransformer API that is not construction or the forward."""
+
+    # ------------------------------------------------------------------------------ tokens and strings
+    @property
+    def tokenizer(self) -> Any:
+        """The processor's tokenizer (follows `model.processor` if it is replaced)."""
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def _need_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError("this HookedVLM has no tokenizer: pass processor= to from_hf / from_pretrained")
+        return self.tokenizer
+
+    def to_tokens(self, text: str | list[str], **kwargs: Any) -> Int[Tensor, "batch pos"]:
+        """Token ids [batch, pos] (TransformerLens's `to_tokens`). Each image placeholder token in the text (e.g.
+        ``<image>``, Qwen's ``<|image_pad|>``; write what the processor's chat template writes around it) is
+        expanded into as many image tokens as the k-th image of the inputs bound with `bind_inputs` takes there,
+        so TL tools that tokenize text themselves (``head_detector``) get the sequence the model expects:
+
+            inputs = model.processor(images=[img], text=[prompt], return_tensors="pt")
+            with model.bind_inputs(**inputs):
+                scores = transformer_lens.head_detector.detect_head(model, prompt, "previous_token_head")
+        """
+        tokenizer = self._need_tokenizer()
+        ids = tokenizer(text, return_tensors="pt", padding=True, **kwargs)["input_ids"]
+        img = self.cfg.image_token_id
+        if not (ids == img).any():
+            return ids
+        template = self._bound_ids
+        if template is None:
+            raise ValueError(
+                f"the text has {int((ids == img).sum())} image placeholder(s) but no inputs are bound: to_tokens cannot "
+                "know how many tokens each image takes. Bind the processor's output first: "
+                "`with model.bind_inputs(**processor(images=..., text=...)): ...`, or use the processor directly"
+            )
+        # tokens per image from the bound inputs' layout (not from runs of image tokens: two images may be adjacent)
+        layout = self.layout({**self._bound, "input_ids": template})
+        rows = []
+        for b in range(ids.shape[0]):
+            index = layout.image_index[b if template.shape[0] == ids.shape[0] else 0]
+            runs = torch.bincount(index[index >= 0]).tolist()
+            row, k = [], 0
+            for t in ids[b].tolist():
+                if t != img:
+                    row.append(t)
+                    continue
+                if k >= len(runs):
+                    raise ValueError(f"to_tokens: text {b} has more image placeholders than the bound inputs have "
+                                     f"images ({len(runs)})")
+                row += [img] * runs[k]
+                k += 1
+            if k != len(runs):
+                raise ValueError(f"to_tokens: text {b} has {k} image placeholders, the bound inputs {len(runs)} images")
+            rows.append(row)
+        pad = tokenizer.pad_token_id or 0
+        width = max(len(r) for r in rows)
+        left = getattr(tokenizer, "padding_side", "right") == "left"
+        return torch.tensor([[pad] * (width - len(r)) + r if left else r + [pad] * (width - len(r)) for r in rows])
+
+    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
+        """Decode token ids: one string for [pos], a list of strings for [batch, pos] (TL's `to_string`)."""
+        tokens = torch.as_tensor(tokens)
+        tokenizer = self._need_tokenizer()
+        return tokenizer.decode(tokens) if tokens.ndim <= 1 else tokenizer.batch_decode(tokens)
+
+    def to_single_token(self, word: str) -> int:
+        """The id of `word`, which must be exactly one token (else ValueError with its tokens)."""
+        ids = self._need_tokenizer()(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{word!r} is {len(ids)} tokens ({ids}), not one")
+        return ids[0]
+
+    def to_str_tokens(self, input: Any, expand_images: bool = False, **kwargs: Any) -> list[str] | list[list[str]]:
+        """One string per token (TL's `to_str_tokens`), with each image's run of image tokens shown as ONE marker
+        ``<image k: n tokens>`` (k counts the prompt's images from 0). `expand_images=True` keeps one string per
+        position instead (``<image k>`` for each image token), so the list lines up with cache positions.
+
+        input: text (str or list of str: tokenized with `to_tokens`, so bound inputs expand placeholders), token
+               ids ([pos] or [batch, pos]), or the processor's inputs (a mapping with input_ids; with pixel_values
+               the images are split by the layout, so adjacent images get one marker each). A [batch, pos]
+               input gives one list per prompt. Padding tokens are kept (they hold positions)."""
+        layout = None
+        if isinstance(input, Mapping):
+            ids = input["input_ids"]
+            if input.get("pixel_values") is not None or self._bound.get("pixel_values") is not None:
+                layout = self.layout({**self._bound, **input})
+        elif isinstance(input, (str, list)) and (isinstance(input, str) or (input and isinstance(input[0], str))):
+            ids = self.to_tokens(input, **kwargs)
+            if isinstance(input, str):
+                ids = ids[0]
+        else:
+            ids = torch.as_tensor(input)
+        ids = torch.as_tensor(ids).cpu()
+        if ids.ndim not in (1, 2) or ids.is_floating_point():
+            raise ValueError(f"to_str_tokens: expected text, token ids [pos] / [batch, pos] or processor inputs, got "
+                             f"{ids.dtype} {tuple(ids.shape)}")
+        rows = ids[None] if ids.ndim == 1 else ids
+        out = [self._str_row(rows[b], None if layout is None else layout.image_index[b], expand_images)
+               for b in range(rows.shape[0])]
+        return out[0] if ids.ndim == 1 else out
+
+    def _str_row(self, ids: Tensor, image_index: Tensor | None, expand: bool) -> list[str]:
+        is_img = ids == self.cfg.image_token_id
+        if image_index is None:  # no layout: each contiguous run of image tokens is one image
+            starts = is_img & ~torch.cat([torch.tensor([False]), is_img[:-1]])
+            image_index = torch.where(is_img, starts.cumsum(0) - 1, -1)
+        words = self._need_tokenizer().batch_decode(ids[:, None].tolist(), clean_up_tokenization_spaces=False)
+        counts = torch.bincount(image_index[image_index >= 0]).tolist() if bool(is_img.any()) else []
+        out, prev = [], -1
+        for p, word in enumerate(words):
+            k = int(image_index[p])
+            if k < 0:
+                out.append(word)
+            elif expand:
+                out.append(f"<image {k}>")
+            elif k != prev:
+                out.append(f"<image {k}: {counts[k]} tokens>")
+            prev = k
+        return out
+
+    @contextmanager
+    def bind_inputs(self, **inputs: Any) -> Iterator[Any]:
+        """Supply image inputs (and attention_mask / position_ids) to every forward inside the block, so tools
+        that call `model(tokens)` with tokens only, such as `transformer_lens.patching` and `head_detector`,
+        run WITH the image. `input_ids` given here are not fed to the model (the tool passes its own); `to_tokens`
+        uses them to expand image placeholders (see there).
+
+            with model.bind_inputs(**inputs):
+                effect = transformer_lens.patching.get_act_patch_resid_pre(model, corrupt_ids, clean_cache, metric)
+        """
+        unknown = sorted(set(inputs) - self._accepted)
+        if unknown:
+            raise TypeError(f"bind_inputs got unexpected keyword(s) {unknown}; it takes {sorted(self._accepted)}")
+        previous = self._bound, self._bound_ids
+        self._bound = {k: v for k, v in inputs.items() if k != "input_ids"}
+        self._bound_ids = inputs.get("input_ids")
+        try:
+            yield self
+        finally:
+            self._bound, self._bound_ids = previous
+
+    # ------------------------------------------------------------------------------------- weight views
+    # ln_final's weight is folded into the unembedding at conversion (TransformerLens's fold_ln), and ln_final's own
+    # weight is all ones. So `cache["ln_final.hook_normalized"] @ model.W_U` are the logits, ActivationCache's
+    # logit_attrs / apply_ln_to_stack attributions sum to the logits, and TL's logit lens
+    # (`accumulated_resid(apply_ln=True) @ W_U`, which calls model.ln_final) is not scaled twice.
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        """The unembedding [d_model, d_vocab] with ln_final's weight folded in (= `model.unembed.W_U`)."""
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, "d_vocab"]:
+        """The unembedding bias [d_vocab] (zeros here; = `model.unembed.b_U`)."""
+        return self.unembed.b_U
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        """The token embedding [d_vocab, d_model]. Image positions take projected image features instead."""
+        return self.embed.weight
+
+    def _stack(self, part: str, name: str) -> Tensor:
+        return torch.stack([getattr(getattr(block, part), name) for block in self.blocks])
+
+    W_Q = property(lambda self: self._stack("attn", "W_Q"), doc="[n_layers, n_heads, d_model, d_head]")
+    W_K = property(lambda self: self._stack("attn", "W_K"), doc="[n_layers, n_heads, d_model, d_head] (GQA expanded)")
+    W_V = property(lambda self: self._stack("attn", "W_V"), doc="[n_layers, n_heads, d_model, d_head] (GQA expanded)")
+    W_O = property(lambda self: self._stack("attn", "W_O"), doc="[n_layers, n_heads, d_head, d_model]")
+    b_Q = property(lambda self: self._stack("attn", "b_Q"), doc="[n_layers, n_heads, d_head]")
+    b_K = property(lambda self: self._stack("attn", "b_K"), doc="[n_layers, n_heads, d_head] (GQA expanded)")
+    b_V = property(lambda self: self._stack("attn", "b_V"), doc="[n_layers, n_heads, d_head] (GQA expanded)")
+    b_O = property(lambda self: self._stack("attn", "b_O"), doc="[n_layers, d_model]")
+    W_in = property(lambda self: self._stack("mlp", "W_in"), doc="[n_layers, d_model, d_mlp] (up projection)")
+    W_gate = property(lambda self: self._stack("mlp", "W_gate"), doc="[n_layers, d_model, d_mlp]")
+    W_out = property(lambda self: self._stack("mlp", "W_out"), doc="[n_layers, d_mlp, d_model]")
+    b_in = property(lambda self: self._stack("mlp", "b_in"), doc="[n_layers, d_mlp]")
+    b_out = property(lambda self: self._stack("mlp", "b_out"), doc="[n_layers, d_model]")
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """W_V @ W_O for every layer and head: a FactoredMatrix [n_layers, n_heads, d_model, d_model]."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """W_Q @ W_K^T for every layer and head: a FactoredMatrix [n_layers, n_heads, d_model, d_model]. Rotary
+        positions are not in it (see `Attention.QK`)."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    def tokens_to_residual_directions(self, tokens: Any) -> Tensor:
+        """Rows of the folded W_U for token ids or strings ([..., d_model])."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        return self.W_U[:, torch.as_tensor(tokens, device=self.W_U.device)].movedim(0, -1)
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
+        """Sum of the attention-output and MLP-output biases written to the residual stream before `layer`
+        (and layer's attention bias if mlp_input), as TransformerLens defines it."""
+        total = self.unembed.weight.new_zeros(self.cfg.d_model)
+        for l in range(layer + int(mlp_input)):
+            total = total + self.blocks[l].attn.b_O
+            if include_mlp_biases and l < layer:
+                total = total + self.blocks[l].mlp.b_out
+        return total
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """As TransformerLens: True makes every decoder block build `attn.hook_result` (per-head outputs
+        [batch, pos, head, d_model]) on every forward, hooked or not; the attention output is then the sum of the
+        results plus b_O. False (the default) builds it only when it is hooked or cached, which is enough for
+        every hook and cache here; the flag exists for code that sets it."""
+        for block in self.blocks:
+            block.attn.use_attn_result = bool(use_attn_result)
+        self.cfg.use_attn_result = bool(use_attn_result)
+
+    # ------------------------------------------------------------------------- forward options (TL's)
+    def _layer_range(self, start_at_layer: int | None, stop_at_layer: int | None) -> slice:
+        """The blocks a forward runs: `blocks[start_at_layer:stop_at_layer]` (negative allowed, as TL)."""
+        n = len(self.blocks)
+        for name, value in (("start_at_layer", start_at_layer), ("stop_at_layer", stop_at_layer)):
+            if value is not None and (not isinstance(value, int) or not -n <= value <= n):
+                raise ValueError(f"{name}: expected an int in -{n}..{n} (this decoder has {n} blocks), got {value!r}")
+        return slice(start_at_layer, stop_at_layer)
+
+    def _resume_inputs(
+        self, residual: Any, tokens: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
+        **image_inputs: Any,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]:
+        """(x, rotary, mask) for `forward(residual, start_at_layer=l, ...)`. The images are not recomputed (they
+        are in the residual already); positions come from `position_ids`, or from `tokens` and the image inputs
+        (Qwen's M-RoPE needs tokens + image_grid_thw + mm_token_type_ids), or are 0..pos-1 for 1-D RoPE."""
+        from .model import causal_padding_mask
+
+        if not isinstance(residual, Tensor) or residual.ndim != 3 or residual.shape[-1] != self.cfg.d_model \
+                or not residual.is_floating_point():
+            got = f"{type(residual).__name__} {tuple(getattr(residual, 'shape', ()))}"
+            raise ValueError(f"start_at_layer: the first input must be the residual stream [batch, pos, d_model="
+                             f"{self.cfg.d_model}] entering that block, got {got}")
+        unknown = sorted(set(image_inputs) - self._accepted)
+        if unknown:
+            raise TypeError(f"HookedVLM got unexpected keyword(s) {unknown}; it takes {sorted(self._accepted)}")
+        bound = self._bound
+        attention_mask = bound.get("attention_mask") if attention_mask is None else attention_mask
+        position_ids = bound.get("position_ids") if position_ids is None else position_ids
+        image_inputs = {**{k: v for k, v in bound.items() if k not in ("attention_mask", "position_ids")}, **image_inputs}
+        device = self.embed.weight.device
+        x = residual.to(device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
+            if attention_mask.shape != x.shape[:2]:
+                raise ValueError(f"attention_mask: expected shape {tuple(x.shape[:2])}, got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            if tokens is not None:
+                if tuple(tokens.shape) != tuple(x.shape[:2]):
+                    raise ValueError(f"tokens: expected shape {tuple(x.shape[:2])}, got {tuple(tokens.shape)}")
+                position_ids = self.family.position_ids(self, tokens.to(device), attention_mask, **image_inputs)
+            elif self.cfg.mrope_section is None:
+                position_ids = torch.arange(x.shape[1], device=device).expand(x.shape[0], -1)
+            else:
+                raise ValueError("start_at_layer on an M-RoPE model (Qwen2-VL family) needs the positions: pass "
+                                 "tokens=input_ids with the image inputs (image_grid_thw, mm_token_type_ids), or "
+                                 "position_ids=model.layout(inputs).position_ids")
+        rotary = self.rotary(position_ids.to(device), x.dtype)
+        return x, rotary, causal_padding_mask(attention_mask, x.dtype)
+
+    def _output(self, x: Tensor, tokens: Tensor | None, attention_mask: Tensor | None, return_type: str | None,
+                loss_per_token: bool, logits_to_keep: Any) -> Any:
+        """ln_final -> unembed -> what `return_type` asks for (TL's semantics; None runs ln_final only)."""
+        if return_type not in RETURN_TYPES:
+            raise ValueError(f"return_type: expected one of {list(RETURN_TYPES)}, got {return_type!r}")
+        if return_type in ("loss", "both"):
+            if tokens is None:
+                raise ValueError(f"return_type={return_type!r} needs the token ids: with start_at_layer pass tokens=")
+            if isinstance(logits_to_keep, Tensor) or logits_to_keep:
+                raise ValueError(f"return_type={return_type!r} scores every position: logits_to_keep must be 0")
+        if isinstance(logits_to_keep, Tensor):
+            if logits_to_keep.ndim != 1 or logits_to_keep.is_floating_point():
+                raise ValueError(f"logits_to_keep: expected an int or a 1-D integer index tensor, got "
+                                 f"{logits_to_keep.dtype} {tuple(logits_to_keep.shape)}")
+            x = x[:, logits_to_keep.to(x.device)]
+        elif logits_to_keep:
+            if not 0 < int(logits_to_keep) <= x.shape[1]:
+                raise ValueError(f"logits_to_keep: expected 0 (all) or 1..{x.shape[1]}, got {logits_to_keep}")
+            x = x[:, -int(logits_to_keep):]
+        x = self.ln_final(x.to(self.unembed.weight.device))
+        if return_type is None:
+            return None
+        logits = self.unembed(x)
+        if return_type == "logits":
+            return logits
+        mask = self._bound.get("attention_mask") if attention_mask is None else attention_mask
+        loss = self.loss_fn(logits, tokens, mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def loss_fn(
+        self, logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"],
+        attention_mask: Tensor | None = None, per_token: bool = False,
+    ) -> Float[Tensor, ""] | Float[Tensor, "batch pos_minus_1"]:
+        """Next-token cross-entropy over TEXT: the logits at position i are scored against token i + 1 only if
+        both are text tokens (not image tokens) and not padding. So image positions never predict or are
+        predicted, and the text token right after an image (predicted from an image position) is not scored.
+        per_token: [batch, pos - 1] losses, 0 where not scored (as TL's masked loss); else their mean over the
+        scored positions."""
+        tokens = tokens.to(logits.device)
+        log_probs = logits[:, :-1].float().log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        text = tokens != self.cfg.image_token_id
+        if attention_mask is not None:
+            text = text & attention_mask.to(logits.device).bool()
+        scored = text[:, :-1] & text[:, 1:]
+        loss = -log_probs.masked_fill(~scored, 0.0)
+        if per_token:
+            return loss
+        n = int(scored.sum())
+        if n == 0:
+            raise ValueError("return_type='loss': no pair of adjacent text tokens to score (image positions and "
+                             "padding are never scored)")
+        return loss.sum() / n
+
+    # ------------------------------------------------------------------------------------ run_with_cache
+    def run_with_cache(
+        self, *model_args: Any, names_filter: Any = None, pos_slice: Any = None, return_cache_object: bool = True,
+        remove_batch_dim: bool = False, incl_bwd: bool = False, device: Any = None, reset_hooks_end: bool = True,
+        clear_contexts: bool = False, **model_kwargs: Any,
+    ) -> tuple[Any, ActivationCache | dict[str, Tensor]]:
+        """Run the model (`model(*model_args, **model_kwargs)`, e.g. `**inputs` and `return_type=`,
+        `stop_at_layer=`) and cache activations: returns (output, cache).
+
+        names_filter:  None (every hook), a name, a list of names, or a function name -> bool. A name that is not a
+                       hook raises ValueError naming it and the nearest hook names.
+        pos_slice:     keep only these decoder positions (int, (start, stop[, step]), list, or a
+                       transformer_lens Slice; an int keeps its axis, as TL). Only hooks on the decoder's position
+                       axis are sliced (hook_token_embed, hook_embed, blocks.*, ln_final.*; for patterns and scores
+                       the query axis); `vision.*` and `projector.*` hooks, whose second axis is patches or image
+                       tokens, are kept whole.
+        return_cache_object: True gives a transformer_lens ActivationCache, False the plain {name: tensor} dict.
+        remove_batch_dim, incl_bwd (cache gradients as "<name>_grad": the output must be a scalar, e.g.
+        return_type="loss"), device (where cached tensors go), reset_hooks_end, clear_contexts: as TransformerLens.
+        Requests estimated above `model.max_cache_bytes` are refused first (see `estimate_cache_bytes`)."""
+        keep = self._names_filter(names_filter)
+        cache: dict[str, Tensor] = {}
+        hooks = [self.get_caching_hooks(lambda n, d=decoder: keep(n) and d == (not n.startswith(NOT_DECODER_POSITIONS)),
+                                        incl_bwd, device, remove_batch_dim=remove_batch_dim, cache=cache,
+                                        pos_slice=pos_slice if decoder else None)
+                 for decoder in (True, False)]
+        with self.hooks(fwd_hooks=hooks[0][1] + hooks[1][1], bwd_hooks=hooks[0][2] + hooks[1][2],
+                        reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            out = self(*model_args, **model_kwargs)
+            if incl_bwd:
+                if not isinstance(out, Tensor) or out.numel() != 1:
+                    raise ValueError("run_with_cache(incl_bwd=True) calls backward() on the output, which must be a "
+                                     "scalar: pass return_type=\"loss\"")
+                out.backward()
+        if not return_cache_object:
+            return out, cache
+        return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+
+    def _names_filter(self, names_filter: Any) -> Callable[[str], bool]:
+        """TL's names_filter forms as a function; names given as a str or list must be hook names."""
+        if names_filter is None:
+            return lambda name: True
+        if isinstance(names_filter, str):
+            names_filter = [names_filter]
+        if isinstance(names_filter, (list, tuple, set)):
+            for name in names_filter:
+                self._check_hook_name(name)
+            wanted = set(names_filter)
+            return lambda name: name in wanted
+        if callable(names_filter):
+            return names_filter
+        raise ValueError(f"names_filter: expected None, a hook name, a list of names or a function, got "
+                         f"{type(names_filter).__name__}")
+
+    # --------------------------------------------------------------------------------------- hook names
+    def hook_names(self, inputs: Mapping[str, Any] | None = None) -> list[str] | "HookShapes":
+        """Every hook name (a list). Given model inputs, a `HookShapes` {name: shape} for those inputs instead
+        (see `hook_shapes`); it prints as a table and iterates over the names like the list does."""
+        return list(self.hook_dict) if inputs is None else self.hook_shapes(inputs)
+
+    @torch.no_grad()
+    def hook_shapes(self, inputs: Mapping[str, Any] | None = None, **kwargs: Any) -> "HookShapes":
+        """{hook name: activation shape} for these inputs, in hook order, from one forward that records shapes
+        only (no tensor is kept). Hooks that did not run on these inputs map to None (e.g. vision blocks after the
+        feature layer). Lazily computed activations (hook_pattern, hook_result) are computed for the record.
+
+            model.hook_shapes(inputs)["blocks.0.attn.hook_pattern"]   # (batch, n_heads, pos, pos)
+        """
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def record(tensor: Any, hook: HookPoint) -> None:
+            shapes.setdefault(hook.name, tuple(tensor.shape) if isinstance(tensor, Tensor) else None)
+
+        with self.hooks(fwd_hooks=[(lambda name: True, record)]):
+            self(**{**(inputs or {}), **kwargs})
+        return HookShapes((name, shapes.get(name)) for name in self.hook_dict)
+
+    # ------------------------------------------------------------------- hook checks (every way of adding)
+    def _check_hook_name(self, name: Any) -> None:
+        """Raise for a hook name the model does not have, naming the nearest ones (difflib)."""
+        if isinstance(name, str) and name not in self.hook_dict:
+            close = difflib.get_close_matches(name, list(self.hook_dict), n=3, cutoff=0.5)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(f"no hook point named {name!r}{hint} (model.hook_names() lists all {len(self.hook_dict)})")
+
+    def add_hook(self, name: Any, hook: Any, dir: str = "fwd", *args: Any, **kwargs: Any) -> None:
+        """TL's `add_hook` (name or name filter), refusing unknown names; forward hooks are shape-checked."""
+        self._check_hook_name(name)
+        super().add_hook(name, hook, dir, *args, **kwargs)
+
+    def check_and_add_hook(self, hook_point: HookPoint, hook_point_name: str, hook: Any, dir: str = "fwd",
+                           *args: Any, **kwargs: Any) -> None:
+        """TL's hook-adding entry point, with forward hooks wrapped by the shape / dtype check."""
+        super().check_and_add_hook(hook_point, hook_point_name, _checked(hook, hook_point_name) if dir == "fwd" else hook,
+                                   dir, *args, **kwargs)
+
+    def _enable_hook_with_name(self, name: str, hook: Any, dir: str) -> None:
+        self._check_hook_name(name)
+        super()._enable_hook_with_name(name, _checked(hook, name) if dir == "fwd" else hook, dir)
+
+
+class HookShapes(dict):
+    """{hook name: shape tuple (None: did not run)}; prints one aligned line per hook."""
+
+    def __repr__(self) -> str:
+        width = max((len(n) for n in self), default=0)
+        return "\n".join(f"{n:<{width}}  {'did not run' if s is None else list(s)}" for n, s in self.items())
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
+
+def _checked(fn: Any, name: str) -> Any:
+    """Wrap a forward hook so that a returned activation of the wrong shape or dtype fails loudly, naming the hook,
+    instead of breaking (or silently broadcasting) somewhere downstream."""
+
+    def checked(tensor: Any, hook: HookPoint) -> Any:
+        out = fn(tensor, hook=hook)
+        if out is not None and isinstance(tensor, Tensor):
+            if not isinstance(out, Tensor) or out.shape != tensor.shape or out.dtype != tensor.dtype:
+                got = f"{type(out).__name__} {tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(
+                    f"the hook on {name!r} returned {got}; expected a tensor of shape {tuple(tensor.shape)} and dtype "
+                    f"{tensor.dtype} (or None to leave the activation unchanged)"
+                )
+        return out
+
+    checked.__wrapped__ = fn
+    return checked
+
+
+__all__ = ["TransformerLensAPI", "HookShapes", "RETURN_TYPES"]
