@@ -11,7 +11,6 @@ from typing import Any, Mapping
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
@@ -62,7 +61,7 @@ class HookedVLM(TransformerLensAPI, HookedRootModule):
     # ---------------------------------------------------------------------------------------------- forward
     def forward(
         self,
-        input_ids: Int[Tensor, "batch pos"] | None = None,
+        input_ids: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"] | None = None,
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         position_ids: Tensor | None = None,
         logits_to_keep: int | Tensor = 0,
@@ -157,7 +156,7 @@ class HookedVLM(TransformerLensAPI, HookedRootModule):
     max_cache_bytes: int | None = 8 * 2**30
 
     def run_with_cache(self, *args: Any, max_cache_bytes: int | None | str = "default", **kwargs: Any
-                       ) -> tuple[Tensor, ActivationCache]:
+                       ) -> tuple[Any, Any]:
         """TransformerLens's run_with_cache (names_filter, pos_slice, return_cache_object, incl_bwd, ...: see
         `TransformerLensAPI.run_with_cache`), refusing requests estimated above `max_cache_bytes` (default
         `model.max_cache_bytes`; None: no limit) before anything runs."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -18,10 +19,14 @@ from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.FactoredMatrix import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import Slice
+from transformer_lens.utilities import remove_batch_dim as drop_batch_dim
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 # hooks whose second axis is not the decoder's positions: left whole by run_with_cache(pos_slice=...)
 NOT_DECODER_POSITIONS = ("vision.", "projector.")
+# decoder hooks shaped [batch, pos, head, ...]: position is axis -3 (TL's rule, plus the rotated q / k)
+PER_HEAD_POSITION_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_rot_q", "hook_rot_k")
 
 
 class TransformerLensAPI:
@@ -363,13 +368,24 @@ class TransformerLensAPI:
         return_type="loss"), device (where cached tensors go), reset_hooks_end, clear_contexts: as TransformerLens.
         Requests estimated above `model.max_cache_bytes` are refused first (see `estimate_cache_bytes`)."""
         keep = self._names_filter(names_filter)
+        slicer = Slice.unwrap(pos_slice)  # an int keeps its axis, as TL
         cache: dict[str, Tensor] = {}
-        hooks = [self.get_caching_hooks(lambda n, d=decoder: keep(n) and d == (not n.startswith(NOT_DECODER_POSITIONS)),
-                                        incl_bwd, device, remove_batch_dim=remove_batch_dim, cache=cache,
-                                        pos_slice=pos_slice if decoder else None)
-                 for decoder in (True, False)]
-        with self.hooks(fwd_hooks=hooks[0][1] + hooks[1][1], bwd_hooks=hooks[0][2] + hooks[1][2],
-                        reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+
+        def save(tensor: Tensor, hook: HookPoint, grad: bool = False) -> None:
+            stored = tensor.detach().to(device)
+            if remove_batch_dim:
+                stored = drop_batch_dim(stored)
+            if pos_slice is not None and not hook.name.startswith(NOT_DECODER_POSITIONS):
+                dim = -3 if hook.name.endswith(PER_HEAD_POSITION_HOOKS) else -2  # patterns / scores: the query axis
+                if stored.ndim >= -dim:
+                    stored = slicer.apply(stored, dim=dim)
+            cache[hook.name + ("_grad" if grad else "")] = stored
+
+        names = [name for name in self.hook_dict if keep(name)]
+        fwd = [(name, save) for name in names]
+        bwd = [(name, partial(save, grad=True)) for name in names] if incl_bwd else []
+        self.is_caching = True
+        with self.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
             out = self(*model_args, **model_kwargs)
             if incl_bwd:
                 if not isinstance(out, Tensor) or out.numel() != 1:
