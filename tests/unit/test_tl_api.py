@@ -98,7 +98,8 @@ def test_loss_is_over_text_positions_only(run):
     # the position predicting an image token, image positions and the one after them are never scored
     img = ids == model.cfg.image_token_id
     assert not scored[img[:, 1:]].any() and not scored[img[:, :-1]].any()
-    torch.testing.assert_close(both[0], logits) and torch.testing.assert_close(both[1], loss)
+    torch.testing.assert_close(both[0], logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(both[1], loss)
     with pytest.raises(ValueError, match="return_type"):
         model(**inputs, return_type="logit")
     with pytest.raises(ValueError, match="logits_to_keep"):
