@@ -231,6 +231,12 @@ class TransformerLensAPI(TokenAPI):
         return_type="loss"), device (where cached tensors go), reset_hooks_end, clear_contexts: as TransformerLens.
         Requests estimated above `model.max_cache_bytes` are refused first (see `estimate_cache_bytes`)."""
         keep = self._names_filter(names_filter)
+        if incl_bwd and not torch.is_grad_enabled():
+            raise ValueError("run_with_cache(incl_bwd=True) needs autograd, but gradients are off (torch.no_grad() or "
+                             "set_grad_enabled(False)): run it with gradients enabled")
+        ids = model_kwargs.get("input_ids", model_args[0] if model_args else None)
+        if remove_batch_dim and isinstance(ids, Tensor) and ids.ndim >= 2 and ids.shape[0] != 1:
+            raise ValueError(f"remove_batch_dim=True needs a batch of one prompt, got {ids.shape[0]}")
         slicer = Slice.unwrap(pos_slice)  # an int keeps its axis, as TL
         cache: dict[str, Tensor] = {}
 

@@ -125,6 +125,8 @@ def test_batch_dim_slicing_and_removal(organism):
     assert not one.has_batch_dim and all(torch.equal(cache[k][2], one[k]) for k in cache.cache_dict)
     with pytest.raises(AssertionError):
         cache.remove_batch_dim()
+    with pytest.raises(ValueError, match="batch of one"):
+        model.run_with_cache(**inputs, remove_batch_dim=True)
     with torch.no_grad():
         _, single = model.run_with_cache(**{k: v[:1] for k, v in inputs.items()}, names_filter=lambda n: n.startswith("blocks.0"))
     before = {k: v.shape for k, v in single.items()}
@@ -285,6 +287,8 @@ def test_run_with_cache_incl_bwd_caches_gradients(clean):
     torch.testing.assert_close(cache["blocks.2.hook_resid_pre_grad"], grad, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="scalar"):
         model.run_with_cache(**inputs, incl_bwd=True)
+    with torch.no_grad(), pytest.raises(ValueError, match="gradients are off"):
+        model.run_with_cache(**inputs, return_type="loss", incl_bwd=True)
 
 
 # ------------------------------------------------------------------------------------------- pos_slice
