@@ -104,20 +104,20 @@ class TokenLayout:
         object: `in_box([[x0 / w, y0 / h, x1 / w, y1 / h] for (x0, y0, x1, y1) in per_prompt_pixel_boxes])`)."""
         b = self.shape[0]
         if y0 is None and x1 is None and y1 is None:
-            boxes = torch.as_tensor(x0, dtype=torch.float64)
+            boxes = torch.as_tensor(x0, dtype=torch.float32)
             if tuple(boxes.shape) != (b, 4):
                 raise ValueError(f"in_box(boxes): expected one (x0, y0, x1, y1) per prompt, shape ({b}, 4), got "
                                  f"{tuple(boxes.shape)}")
         elif None in (y0, x1, y1):
             raise ValueError("in_box: give x0, y0, x1, y1 (one box for all prompts) or boxes [batch, 4] alone")
         else:
-            boxes = torch.tensor([[x0, y0, x1, y1]], dtype=torch.float64).expand(b, 4)
+            boxes = torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32).expand(b, 4)
         mask = self.image_positions(image) & (self.crop == crop) & (self.col >= 0)
         out = torch.zeros_like(mask)
         for bi in range(b):
             img = int(self._image(image)[bi, 0])
             rows, cols = self.grids[bi][img][crop]
-            cy, cx = (self.row[bi].double() + 0.5) / rows, (self.col[bi].double() + 0.5) / cols
+            cy, cx = (self.row[bi].float() + 0.5) / rows, (self.col[bi].float() + 0.5) / cols  # float32, as before
             bx0, by0, bx1, by1 = boxes[bi].tolist()
             out[bi] = mask[bi] & (cx >= bx0) & (cx < bx1) & (cy >= by0) & (cy < by1)
         return out
