@@ -137,6 +137,12 @@ def test_start_at_layer_resumes_from_a_residual(run):
                      attention_mask=inputs["attention_mask"], return_type="loss", **image)
     torch.testing.assert_close(loss, model(**inputs, return_type="loss"), rtol=0, atol=1e-5)
     assert set(fired) == {"ln_final.hook_scale", "ln_final.hook_normalized"}  # no embedding, no vision tower
+    with torch.no_grad():  # run_with_cache passes it through: only the blocks that ran are cached
+        out, part = model.run_with_cache(cache["blocks.2.hook_resid_pre"], start_at_layer=2, tokens=inputs["input_ids"],
+                                         attention_mask=inputs["attention_mask"], **image)
+    torch.testing.assert_close(out, logits, rtol=0, atol=1e-5)
+    assert {k.split(".")[1] for k in part.keys() if k.startswith("blocks.")} == {"2"}
+    assert not any(k.startswith(("hook_", "vision.", "projector.")) for k in part.keys())
     if model.cfg.family == "qwen2_vl":
         with pytest.raises(ValueError, match="M-RoPE"):
             model(cache["blocks.1.hook_resid_pre"], start_at_layer=1, attention_mask=inputs["attention_mask"])
