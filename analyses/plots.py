@@ -10,6 +10,12 @@
 * `attention_to_image(cache, layout, layer, head, query_pos)`: one query's attention to each image token on the
   image's [rows, cols] grid; `plot_attention_to_image` paints it on the picture.
 * `circuitsvis_heads(cache, layout, heads)`: the same heads in circuitsvis (optional: `pip install circuitsvis`).
+
+Scores may be tensors, arrays, or the analyses' result objects (anything with a `.scores` tensor, e.g.
+`PatchResult`, `AttributionResult`, `EdgeGraph`; see `scores_of`). Heatmaps carry an explicit colour range:
+pass `zmin=` / `zmax=`, or `like=other_fig` to share another figure's, so two methods' maps compare by eye.
+Static export: `fig.write_image("f.png")` needs the optional `kaleido` package and a Chrome / Chromium
+(docs/coming_from_transformerlens.md, "Plots in notebooks"); `fig.write_html("f.html")` needs nothing.
 """
 from __future__ import annotations
 
@@ -23,18 +29,51 @@ from torch import Tensor
 DIVERGING = "RdBu"
 
 
+def scores_of(x: Any) -> Any:
+    """The values to plot: a tensor / array / list as is, or the `.scores` of an analysis result object
+    (`analyses.patching.PatchResult`, `AttributionResult`, `EdgeGraph`, ...). A `.scores` dict with one entry
+    gives that entry; with several, pass the one you want (e.g. `result.scores["z"]`)."""
+    if isinstance(x, (Tensor, np.ndarray, list, tuple, float, int)) or not hasattr(x, "scores"):
+        return x
+    s = x.scores
+    if isinstance(s, Mapping):
+        if len(s) != 1:
+            raise ValueError(f"{type(x).__name__}.scores holds {sorted(s)}: pass one of them, e.g. result.scores[{next(iter(s))!r}]")
+        s = next(iter(s.values()))
+    return s
+
+
 def _np(x: Any) -> np.ndarray:
+    x = scores_of(x)
     if isinstance(x, Tensor):
         return x.detach().float().cpu().numpy()
     return np.asarray(x, dtype=float)
 
 
-def _zmid(values: np.ndarray) -> dict[str, Any]:
-    """Centre a diverging scale on 0 when the values have both signs."""
+def _zmid(values: np.ndarray, zmin: float | int | None = None, zmax: float | int | None = None, like: Any = None) -> dict[str, Any]:
+    """Colour settings of a heatmap, with an explicit range so that figures can share it.
+
+    Default: a diverging scale centred on 0 with a symmetric range when the values have both signs, else Viridis
+    over [min, max]. `zmin` / `zmax` fix the range (with both signs inside it: diverging, centred on 0).
+    `like=fig` copies the colour settings of another figure's first heatmap, so two methods' heatmaps can be
+    compared by eye."""
+    if like is not None:
+        ref = next((t for t in like.data if t.type == "heatmap"), None)
+        if ref is None or ref.zmin is None:
+            raise ValueError("like= must be a figure made by analyses.plots with a heatmap (it carries zmin / zmax)")
+        return dict(colorscale=ref.colorscale, zmin=ref.zmin, zmax=ref.zmax, zmid=ref.zmid, reversescale=ref.reversescale)
     finite = values[np.isfinite(values)]
-    if finite.size and finite.min() < 0 < finite.max():
-        return dict(colorscale=DIVERGING, zmid=0.0, reversescale=True)
-    return dict(colorscale="Viridis")
+    lo = float(finite.min()) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 1.0
+    if zmin is None and zmax is None and lo < 0 < hi:
+        zmax = max(-lo, hi)
+        zmin = -zmax
+    zmin, zmax = (lo if zmin is None else float(zmin)), (hi if zmax is None else float(zmax))
+    if zmin >= zmax:
+        zmax = zmin + 1.0  # constant values: any range that shows them
+    if zmin < 0 < zmax:
+        return dict(colorscale=DIVERGING, zmid=0.0, zmin=zmin, zmax=zmax, reversescale=True)
+    return dict(colorscale="Viridis", zmin=zmin, zmax=zmax)
 
 
 def token_strings(layout: Any, batch: int = 0, tokens: Any = None) -> list[str]:
@@ -63,10 +102,15 @@ def plot_layer_position(
     title: str | None = None,
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
+    zmin: float | int | None = None,
+    zmax: float | int | None = None,
+    like: go.Figure | None = None,
 ) -> go.Figure:
-    """Heatmap of scores [layer, pos] (e.g. `patch_resid_by_layer_and_position`, attribution).
+    """Heatmap of scores [layer, pos] (e.g. `patch_resid_by_layer_and_position`, attribution): a tensor / array or
+    a result object with `.scores` (see `scores_of`).
 
     layout:    the TokenLayout of the prompts (hover text of prompt `batch`).
+    zmin, zmax, like: a fixed colour range, or `like=other_fig` to share another figure's (see `_zmid`).
     tokens:    list of strings, or a model / tokenizer to decode `layout.input_ids[batch]`; None shows ids.
     layers:    row labels (default 0..n-1); positions: the sequence position of each column (default 0..pos-1).
     """
@@ -81,7 +125,7 @@ def plot_layer_position(
     strs = token_strings(layout, batch, tokens)
     col_text = [f"{strs[p]!r}<br>{layout.describe(batch, p)}" for p in positions]
     text = [[f"layer {layer}<br>{col_text[j]}<br>score {z[i, j]:.4g}" for j in range(n_cols)] for i, layer in enumerate(layers)]
-    fig = go.Figure(go.Heatmap(z=z, x=positions, y=layers, text=text, hoverinfo="text", **_zmid(z)))
+    fig = go.Figure(go.Heatmap(z=z, x=positions, y=layers, text=text, hoverinfo="text", **_zmid(z, zmin, zmax, like)))
     is_img = layout.is_image[batch]
     ticks = [p for p in positions if not bool(is_img[p])]
     fig.update_layout(
@@ -132,8 +176,12 @@ def plot_image_overlay(
     crop: int = 0,
     opacity: float = 0.55,
     title: str | None = None,
+    zmin: float | int | None = None,
+    zmax: float | int | None = None,
+    like: go.Figure | None = None,
 ) -> go.Figure:
-    """Paint per-token scores ([pos] for prompt `batch`, or [batch, pos]) back onto the picture.
+    """Paint per-token scores ([pos] for prompt `batch`, or [batch, pos]; or a result object with `.scores`)
+    back onto the picture. zmin / zmax / like: a shared colour range (see `_zmid`).
 
     The tokens of image `image_index`, crop `crop` (0 = the base grid) are placed at their (row, col) in the
     layout's grid, and the grid is stretched over the picture (PIL image, HWC array or CHW tensor) as a
@@ -148,7 +196,7 @@ def plot_image_overlay(
     text = [[f"row {r} col {c}<br>score {grid[r, c]:.4g}" for c in range(cols)] for r in range(rows)]
     fig.add_trace(go.Heatmap(
         z=grid, x0=dx / 2 - 0.5, dx=dx, y0=dy / 2 - 0.5, dy=dy, opacity=opacity, text=text, hoverinfo="text",
-        **_zmid(grid),
+        **_zmid(grid, zmin, zmax, like),
     ))
     fig.update_layout(title=title, xaxis=dict(visible=False), yaxis=dict(visible=False, autorange="reversed", scaleanchor="x"))
     return fig
@@ -159,21 +207,27 @@ def plot_heads(
     title: str | None = None,
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
+    zmin: float | int | None = None,
+    zmax: float | int | None = None,
+    like: go.Figure | None = None,
 ) -> go.Figure:
-    """Heatmap of per-head scores [layer, head] (patch_heads, head attribution); hover names "L{l}H{h}"."""
+    """Heatmap of per-head scores [layer, head] (patch_heads, head attribution; a tensor or a result object with
+    `.scores`); hover names "L{l}H{h}". zmin / zmax / like: a shared colour range (see `_zmid`)."""
     z = _np(scores)
     if z.ndim != 2:
         raise ValueError(f"scores must be [layer, head], got shape {z.shape}")
     layers = list(range(z.shape[0])) if layers is None else list(layers)
     heads = list(range(z.shape[1])) if heads is None else list(heads)
     text = [[f"L{layer}H{h}<br>score {z[i, j]:.4g}" for j, h in enumerate(heads)] for i, layer in enumerate(layers)]
-    fig = go.Figure(go.Heatmap(z=z, x=heads, y=layers, text=text, hoverinfo="text", **_zmid(z)))
+    fig = go.Figure(go.Heatmap(z=z, x=heads, y=layers, text=text, hoverinfo="text", **_zmid(z, zmin, zmax, like)))
     fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", xaxis=dict(dtick=1), yaxis=dict(dtick=1))
     return fig
 
 
 def plot_by_layer(scores: Any, title: str | None = None, layers: Sequence[int] | None = None) -> go.Figure:
-    """Line plot of one score per layer ([layer]), or several named series ({name: [layer]})."""
+    """Line plot of one score per layer ([layer]), or several named series ({name: [layer]}); each may be a result
+    object with `.scores`."""
+    scores = scores_of(scores)
     series = scores if isinstance(scores, Mapping) else {"score": scores}
     fig = go.Figure()
     for name, values in series.items():
@@ -185,8 +239,8 @@ def plot_by_layer(scores: Any, title: str | None = None, layers: Sequence[int] |
 
 
 def plot_effect_table(table: Mapping[str, Any], title: str | None = None, yaxis_title: str = "metric") -> go.Figure:
-    """Bar chart of {condition: value}. A value may be a number or a per-prompt tensor / array (bar = mean,
-    error bar = standard error)."""
+    """Bar chart of {condition: value}. A value may be a number, a per-prompt tensor / array (bar = mean,
+    error bar = standard error) or a result object with `.scores`."""
     names, means, errs = [], [], []
     for name, value in table.items():
         v = _np(value).reshape(-1)
@@ -200,7 +254,7 @@ def plot_effect_table(table: Mapping[str, Any], title: str | None = None, yaxis_
     return fig
 
 
-__all__ = ["plot_layer_position", "plot_image_overlay", "plot_heads", "plot_by_layer", "plot_effect_table",
+__all__ = ["scores_of", "plot_layer_position", "plot_image_overlay", "plot_heads", "plot_by_layer", "plot_effect_table",
            "token_strings", "token_grid", "plot_attention_heads", "attention_to_image", "plot_attention_to_image",
            "circuitsvis_heads"]
 
@@ -242,6 +296,8 @@ def plot_attention_heads(
     title: str | None = None,
     tokens: Any = None,
     cols: int = 2,
+    zmax: float | int | None = None,
+    like: go.Figure | None = None,
 ) -> go.Figure:
     """One heatmap per chosen head of its attention pattern (query rows x key columns), in a grid of subplots.
 
@@ -266,7 +322,10 @@ def plot_attention_heads(
     for layer, head in heads:
         pat = _np(_pattern(patterns, layer)[batch, head])
         zs.append(pat[np.ix_(queries, keys)])
-    zmax = max(float(np.nanmax(z)) if z.size else 0.0 for z in zs) or 1.0
+    if like is not None:
+        zmax = like.layout.coloraxis.cmax
+    if zmax is None:
+        zmax = max(float(np.nanmax(z)) if z.size else 0.0 for z in zs) or 1.0
 
     cols = max(1, min(cols, len(heads)))
     rows = -(-len(heads) // cols)

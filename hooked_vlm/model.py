@@ -6,30 +6,32 @@ modules with HookPoints; transformer_lens's HookedRootModule supplies run_with_h
 """
 from __future__ import annotations
 
-import difflib
-from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.hook_points import HookPoint
-from transformer_lens.utilities.slice import Slice
 
 from . import cache_guard
 from .components import NORMS, Attention, GatedMLP, RotaryEmbedding, TransformerBlock
+from .components.unembed import Unembed
 from .config import HookedVLMConfig
 from .families import get_family
 from .generation import GenerationMixin
 from .merge import merge_image_features
 from .positions import TokenLayout, build_layout
+from .tl_api import TransformerLensAPI
 
 TEXT_KWARGS = ("input_ids", "attention_mask", "position_ids")
 
 
-class HookedVLM(GenerationMixin, HookedRootModule):
+class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
+    """A vision-language model with TransformerLens hooks. Construction and the forward live here; the rest of
+    TransformerLens's model API (to_tokens / to_str_tokens, weight views, loss, run_with_cache options, hook-name
+    checks) in `hooked_vlm.tl_api.TransformerLensAPI`, generation in `hooked_vlm.generation.GenerationMixin`."""
+
     def __init__(self, cfg: HookedVLMConfig, processor: Any = None):
         super().__init__()
         self.cfg = cfg
@@ -52,7 +54,7 @@ class HookedVLM(GenerationMixin, HookedRootModule):
             for l in range(cfg.n_layers)
         )
         self.ln_final = NORMS[cfg.normalization_type](cfg.d_model, cfg.eps)
-        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
         self._accepted = frozenset(TEXT_KWARGS + self.family.image_kwargs)
         self._bound: dict[str, Any] = {}
         self._bound_ids: Tensor | None = None
@@ -61,28 +63,41 @@ class HookedVLM(GenerationMixin, HookedRootModule):
     # ---------------------------------------------------------------------------------------------- forward
     def forward(
         self,
-        input_ids: Int[Tensor, "batch pos"] | None = None,
+        input_ids: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"] | None = None,
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         position_ids: Tensor | None = None,
         logits_to_keep: int | Tensor = 0,
+        *,
+        return_type: str | None = "logits",
+        loss_per_token: bool = False,
+        stop_at_layer: int | None = None,
+        start_at_layer: int | None = None,
+        tokens: Int[Tensor, "batch pos"] | None = None,
         **image_inputs: Any,
-    ) -> Float[Tensor, "batch kept_pos d_vocab"]:
-        """Logits [batch, pos, d_vocab]. `logits_to_keep` (as in HF): 0 = every position; k > 0 = the last k
-        positions only; a 1-D index tensor = those positions. `ln_final` and the unembedding then run on those
-        positions only (full-vocabulary logits at every position are the largest tensor of a long forward)."""
-        x, rotary, mask = self.prepare(input_ids, attention_mask, position_ids, **image_inputs)
-        for block in self.blocks:
+    ) -> Any:
+        """Logits [batch, pos, d_vocab] by default. `logits_to_keep` (as in HF): 0 = every position; k > 0 = the
+        last k positions only; a 1-D index tensor = those positions (ln_final and the unembedding run on those only).
+
+        TransformerLens's options (hooked_vlm/tl_api.py):
+        return_type:    "logits", "loss" (next-token cross-entropy over text positions only, see `loss_fn`),
+                        "both" (logits, loss) or None (runs up to ln_final, returns None).
+        loss_per_token: the loss as [batch, pos - 1] instead of its mean.
+        stop_at_layer:  run blocks[:stop_at_layer] only and return that residual stream [batch, pos, d_model]
+                        (= blocks.{l}.hook_resid_pre; negative counts from the end; n_layers: last resid_post).
+        start_at_layer: `input_ids` is then the residual stream [batch, pos, d_model] entering that block; pass
+                        the same attention_mask, and `tokens=` (the token ids, for the loss and for Qwen's M-RoPE
+                        positions with image_grid_thw / mm_token_type_ids) or `position_ids=`. The vision tower
+                        does not run: image features are already in the residual."""
+        if start_at_layer is None:
+            x, rotary, mask = self.prepare(input_ids, attention_mask, position_ids, **image_inputs)
+            tokens = input_ids
+        else:
+            x, rotary, mask = self._resume_inputs(input_ids, tokens, attention_mask, position_ids, **image_inputs)
+        for block in self.blocks[self._layer_range(start_at_layer, stop_at_layer)]:
             x = block(x, rotary, mask)
-        if isinstance(logits_to_keep, Tensor):
-            if logits_to_keep.ndim != 1 or logits_to_keep.is_floating_point():
-                raise ValueError(f"logits_to_keep: expected an int or a 1-D integer index tensor, got "
-                                 f"{logits_to_keep.dtype} {tuple(logits_to_keep.shape)}")
-            x = x[:, logits_to_keep.to(x.device)]
-        elif logits_to_keep:
-            if not 0 < int(logits_to_keep) <= x.shape[1]:
-                raise ValueError(f"logits_to_keep: expected 0 (all) or 1..{x.shape[1]}, got {logits_to_keep}")
-            x = x[:, -int(logits_to_keep):]
-        return self.unembed(self.ln_final(x.to(self.unembed.weight.device)))
+        if stop_at_layer is not None:
+            return x
+        return self._output(x, tokens, attention_mask, return_type, loss_per_token, logits_to_keep)
 
     def prepare(
         self,
@@ -146,154 +161,23 @@ class HookedVLM(GenerationMixin, HookedRootModule):
     max_cache_bytes: int | None = 8 * 2**30
 
     def run_with_cache(self, *args: Any, max_cache_bytes: int | None | str = "default", **kwargs: Any
-                       ) -> tuple[Tensor, ActivationCache]:
-        """TransformerLens's run_with_cache, refused before anything runs when the estimated cache is over
-        `max_cache_bytes` (default: the instance's `max_cache_bytes`), and with cache entries that a later hook's
-        in-place edit cannot rewrite (see hooked_vlm/cache_guard.py)."""
+                       ) -> tuple[Any, Any]:
+        """TransformerLens's run_with_cache (names_filter, pos_slice, return_cache_object, incl_bwd, ...: see
+        `TransformerLensAPI.run_with_cache`), refused before anything runs when the estimated cache is over
+        `max_cache_bytes` (default: the instance's `max_cache_bytes`; None: no limit), and with cache entries that a
+        later hook's in-place edit cannot rewrite (see hooked_vlm/cache_guard.py)."""
         cache_guard.check_cache_request(self, args, kwargs,
                                         self.max_cache_bytes if max_cache_bytes == "default" else max_cache_bytes)
-        out, cache = self._run_with_cache(*args, **kwargs)
-        return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
-
-    def _run_with_cache(self, *args: Any, names_filter: Any = None, device: Any = None, remove_batch_dim: bool = False,
-                        incl_bwd: bool = False, reset_hooks_end: bool = True, clear_contexts: bool = False,
-                        pos_slice: Any = None, **kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        # TransformerLens's HookedRootModule.run_with_cache, with the alias guard around the forward
-        if remove_batch_dim and args and isinstance(args[0], Tensor) and args[0].ndim > 0 and args[0].shape[0] != 1:
-            raise ValueError(f"remove_batch_dim=True needs a batch of 1, got {args[0].shape[0]}")
-        cache, fwd, bwd = self.get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim,
-                                                 pos_slice=Slice.unwrap(pos_slice))
-        cached = {name for name, _ in fwd}
-        with cache_guard.separate_aliases(self, cache, cached.__contains__), \
-                self.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
-            out = self(*args, **kwargs)
-            if incl_bwd:
-                out.backward()
-        return out, cache
+        return super().run_with_cache(*args, **kwargs)  # TransformerLensAPI.run_with_cache
 
     def estimate_cache_bytes(self, inputs: Mapping[str, Any], names_filter: Any = None) -> int:
         """Bytes a run_with_cache of `inputs` would hold for the hooks `names_filter` selects (None: all): an upper
         bound from the config and input shapes alone (nothing runs); per hook: `cache_guard.estimate_hook_bytes`."""
         return cache_guard.estimate_cache_bytes(self, inputs, names_filter)
 
-    @property
-    def tokenizer(self) -> Any:
-        """The processor's tokenizer (follows `model.processor` if it is replaced)."""
-        return getattr(self.processor, "tokenizer", self.processor)
-
     def layout(self, inputs: Mapping[str, Any] | None = None, **kwargs: Any) -> TokenLayout:
         """Where every image token sits (crop, row, col), text positions, end-of-image, position ids."""
         return build_layout(self, {**(inputs or {}), **kwargs})
-
-    def to_tokens(self, text: str | list[str], **kwargs: Any) -> Tensor:
-        """Token ids [batch, pos] (TransformerLens's `to_tokens`). Each image placeholder token in the text (e.g.
-        ``<image>``, Qwen's ``<|image_pad|>``; write what the processor's chat template writes around it) is
-        expanded into as many image tokens as the k-th image of the inputs bound with `bind_inputs` takes there,
-        so TL tools that tokenize text themselves (``head_detector``) get the sequence the model expects:
-
-            inputs = model.processor(images=[img], text=[prompt], return_tensors="pt")
-            with model.bind_inputs(**inputs):
-                scores = transformer_lens.head_detector.detect_head(model, prompt, "previous_token_head")
-        """
-        if self.tokenizer is None:
-            raise ValueError("this HookedVLM has no tokenizer: pass processor= to from_hf / from_pretrained")
-        ids = self.tokenizer(text, return_tensors="pt", padding=True, **kwargs)["input_ids"]
-        img = self.cfg.image_token_id
-        if not (ids == img).any():
-            return ids
-        template = self._bound_ids
-        if template is None:
-            raise ValueError(
-                f"the text has {int((ids == img).sum())} image placeholder(s) but no inputs are bound: to_tokens cannot "
-                "know how many tokens each image takes. Bind the processor's output first: "
-                "`with model.bind_inputs(**processor(images=..., text=...)): ...`, or use the processor directly"
-            )
-        # tokens per image from the bound inputs' layout (not from runs of image tokens: two images may be adjacent)
-        layout = self.layout({**self._bound, "input_ids": template})
-        rows = []
-        for b in range(ids.shape[0]):
-            index = layout.image_index[b if template.shape[0] == ids.shape[0] else 0]
-            runs = torch.bincount(index[index >= 0]).tolist()
-            row, k = [], 0
-            for t in ids[b].tolist():
-                if t != img:
-                    row.append(t)
-                    continue
-                if k >= len(runs):
-                    raise ValueError(f"to_tokens: text {b} has more image placeholders than the bound inputs have "
-                                     f"images ({len(runs)})")
-                row += [img] * runs[k]
-                k += 1
-            if k != len(runs):
-                raise ValueError(f"to_tokens: text {b} has {k} image placeholders, the bound inputs {len(runs)} images")
-            rows.append(row)
-        pad = self.tokenizer.pad_token_id or 0
-        width = max(len(r) for r in rows)
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        return torch.tensor([[pad] * (width - len(r)) + r if left else r + [pad] * (width - len(r)) for r in rows])
-
-    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
-        tokens = torch.as_tensor(tokens)
-        return self.tokenizer.decode(tokens) if tokens.ndim <= 1 else self.tokenizer.batch_decode(tokens)
-
-    def to_single_token(self, word: str) -> int:
-        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise ValueError(f"{word!r} is {len(ids)} tokens ({ids}), not one")
-        return ids[0]
-
-    @contextmanager
-    def bind_inputs(self, **inputs: Any) -> Iterator["HookedVLM"]:
-        """Supply image inputs (and attention_mask / position_ids) to every forward inside the block, so tools
-        that call `model(tokens)` with tokens only, such as `transformer_lens.patching` and `head_detector`,
-        run WITH the image. `input_ids` given here are not fed to the model (the tool passes its own); `to_tokens`
-        uses them to expand image placeholders (see there).
-
-            with model.bind_inputs(**inputs):
-                effect = transformer_lens.patching.get_act_patch_resid_pre(model, corrupt_ids, clean_cache, metric)
-        """
-        unknown = sorted(set(inputs) - self._accepted)
-        if unknown:
-            raise TypeError(f"bind_inputs got unexpected keyword(s) {unknown}; it takes {sorted(self._accepted)}")
-        previous = self._bound, self._bound_ids
-        self._bound = {k: v for k, v in inputs.items() if k != "input_ids"}
-        self._bound_ids = inputs.get("input_ids")
-        try:
-            yield self
-        finally:
-            self._bound, self._bound_ids = previous
-
-    # ln_final's weight is folded into the unembedding at conversion (TransformerLens's fold_ln), and ln_final's own
-    # weight is all ones. So `cache["ln_final.hook_normalized"] @ model.W_U` are the logits, ActivationCache's
-    # logit_attrs / apply_ln_to_stack attributions sum to the logits, and TL's logit lens
-    # (`accumulated_resid(apply_ln=True) @ W_U`, which calls model.ln_final) is not scaled twice.
-    @property
-    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.unembed.weight.T
-
-    @property
-    def b_U(self) -> Float[Tensor, "d_vocab"]:
-        return self.unembed.weight.new_zeros(self.cfg.d_vocab)
-
-    def tokens_to_residual_directions(self, tokens: Any) -> Tensor:
-        """Rows of the folded W_U for token ids or strings ([..., d_model])."""
-        if isinstance(tokens, str):
-            tokens = self.to_single_token(tokens)
-        return self.W_U[:, torch.as_tensor(tokens, device=self.W_U.device)].movedim(0, -1)
-
-    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
-        """Sum of the attention-output and MLP-output biases written to the residual stream before `layer`
-        (and layer's attention bias if mlp_input), as TransformerLens defines it."""
-        total = self.unembed.weight.new_zeros(self.cfg.d_model)
-        for l in range(layer + int(mlp_input)):
-            total = total + self.blocks[l].attn.b_O
-            if include_mlp_biases and l < layer:
-                total = total + self.blocks[l].mlp.b_out
-        return total
-
-    @property
-    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.embed.weight
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -326,28 +210,6 @@ class HookedVLM(GenerationMixin, HookedRootModule):
         hf_model, proc = load_hf(name_or_dir, dtype=dtype, device=device, device_map=device_map, processor=processor)
         return cls.from_hf(hf_model, proc, copy_weights=False)
 
-    def hook_names(self, inputs: Mapping[str, Any] | None = None) -> list[str] | "HookShapes":
-        """Every hook name (a list). Given model inputs, a `HookShapes` {name: shape} for those inputs instead
-        (see `hook_shapes`); it prints as a table and iterates over the names like the list does."""
-        return list(self.hook_dict) if inputs is None else self.hook_shapes(inputs)
-
-    @torch.no_grad()
-    def hook_shapes(self, inputs: Mapping[str, Any] | None = None, **kwargs: Any) -> "HookShapes":
-        """{hook name: activation shape} for these inputs, in hook order, from one forward that records shapes
-        only (no tensor is kept). Hooks that did not run on these inputs map to None (e.g. vision blocks after the
-        feature layer). Lazily computed activations (hook_pattern, hook_result) are computed for the record.
-
-            model.hook_shapes(inputs)["blocks.0.attn.hook_pattern"]   # (batch, n_heads, pos, pos)
-        """
-        shapes: dict[str, tuple[int, ...]] = {}
-
-        def record(tensor: Any, hook: HookPoint) -> None:
-            shapes.setdefault(hook.name, tuple(tensor.shape) if isinstance(tensor, Tensor) else None)
-
-        with self.hooks(fwd_hooks=[(lambda name: True, record)]):
-            self(**{**(inputs or {}), **kwargs})
-        return HookShapes((name, shapes.get(name)) for name in self.hook_dict)
-
     def extra_repr(self) -> str:
         c, v = self.cfg, self.cfg.vision
         size = "native resolution" if v is None or not v.image_size else f"image_size={v.image_size}"
@@ -355,56 +217,6 @@ class HookedVLM(GenerationMixin, HookedRootModule):
         return (f"family={c.family!r}, n_layers={c.n_layers}, d_model={c.d_model}, n_heads={c.n_heads} "
                 f"(kv {c.n_key_value_heads}), d_vocab={c.d_vocab}, {vision}{len(self.hook_dict)} hooks: "
                 "model.hook_names(inputs) lists them with their shapes")
-
-    # ------------------------------------------------------------------- hook checks (every way of adding)
-    def _check_hook_name(self, name: Any) -> None:
-        if isinstance(name, str) and name not in self.hook_dict:
-            close = difflib.get_close_matches(name, list(self.hook_dict), n=3, cutoff=0.5)
-            hint = f"; did you mean {close}?" if close else ""
-            raise ValueError(f"no hook point named {name!r}{hint} (model.hook_names() lists all {len(self.hook_dict)})")
-
-    def add_hook(self, name: Any, hook: Any, dir: str = "fwd", *args: Any, **kwargs: Any) -> None:
-        self._check_hook_name(name)
-        super().add_hook(name, hook, dir, *args, **kwargs)
-
-    def check_and_add_hook(self, hook_point: HookPoint, hook_point_name: str, hook: Any, dir: str = "fwd",
-                           *args: Any, **kwargs: Any) -> None:
-        super().check_and_add_hook(hook_point, hook_point_name, _checked(hook, hook_point_name) if dir == "fwd" else hook,
-                                   dir, *args, **kwargs)
-
-    def _enable_hook_with_name(self, name: str, hook: Any, dir: str) -> None:
-        self._check_hook_name(name)
-        super()._enable_hook_with_name(name, _checked(hook, name) if dir == "fwd" else hook, dir)
-
-
-class HookShapes(dict):
-    """{hook name: shape tuple (None: did not run)}; prints one aligned line per hook."""
-
-    def __repr__(self) -> str:
-        width = max((len(n) for n in self), default=0)
-        return "\n".join(f"{n:<{width}}  {'did not run' if s is None else list(s)}" for n, s in self.items())
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(repr(self))
-
-
-def _checked(fn: Any, name: str) -> Any:
-    """Wrap a forward hook so that a returned activation of the wrong shape or dtype fails loudly, naming the hook,
-    instead of breaking (or silently broadcasting) somewhere downstream."""
-
-    def checked(tensor: Any, hook: HookPoint) -> Any:
-        out = fn(tensor, hook=hook)
-        if out is not None and isinstance(tensor, Tensor):
-            if not isinstance(out, Tensor) or out.shape != tensor.shape or out.dtype != tensor.dtype:
-                got = f"{type(out).__name__} {tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
-                raise ValueError(
-                    f"the hook on {name!r} returned {got}; expected a tensor of shape {tuple(tensor.shape)} and dtype "
-                    f"{tensor.dtype} (or None to leave the activation unchanged)"
-                )
-        return out
-
-    checked.__wrapped__ = fn
-    return checked
 
 
 def fold_final_norm(sd: dict[str, Tensor]) -> None:

@@ -96,15 +96,30 @@ class TokenLayout:
         s = self.shape[1]
         return self._one_per_row(torch.where(self.attention_mask.bool(), torch.arange(s), -1).max(dim=1).values)
 
-    def in_box(self, x0: float | int, y0: float | int, x1: float | int, y1: float | int, image: int = 0, crop: int = 0) -> Bool[Tensor, "batch pos"]:
-        """Image tokens of `crop` whose patch centre lies in the box, given as fractions of the image (0..1)."""
+    def in_box(self, x0: Any, y0: float | int | None = None, x1: float | int | None = None, y1: float | int | None = None,
+               image: int = 0, crop: int = 0) -> Bool[Tensor, "batch pos"]:
+        """Image tokens of `crop` whose patch centre lies in the box, given as fractions of the image (0..1):
+        `in_box(x0, y0, x1, y1)` uses one box for every prompt; `in_box(boxes)` one box per prompt, with `boxes`
+        a [batch, 4] tensor / array or a list of (x0, y0, x1, y1), row b for prompt b (e.g. each prompt's own
+        object: `in_box([[x0 / w, y0 / h, x1 / w, y1 / h] for (x0, y0, x1, y1) in per_prompt_pixel_boxes])`)."""
+        b = self.shape[0]
+        if y0 is None and x1 is None and y1 is None:
+            boxes = torch.as_tensor(x0, dtype=torch.float32)
+            if tuple(boxes.shape) != (b, 4):
+                raise ValueError(f"in_box(boxes): expected one (x0, y0, x1, y1) per prompt, shape ({b}, 4), got "
+                                 f"{tuple(boxes.shape)}")
+        elif None in (y0, x1, y1):
+            raise ValueError("in_box: give x0, y0, x1, y1 (one box for all prompts) or boxes [batch, 4] alone")
+        else:
+            boxes = torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32).expand(b, 4)
         mask = self.image_positions(image) & (self.crop == crop) & (self.col >= 0)
         out = torch.zeros_like(mask)
-        for bi in range(self.shape[0]):
+        for bi in range(b):
             img = int(self._image(image)[bi, 0])
             rows, cols = self.grids[bi][img][crop]
-            cy, cx = (self.row[bi].float() + 0.5) / rows, (self.col[bi].float() + 0.5) / cols
-            out[bi] = mask[bi] & (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+            cy, cx = (self.row[bi].float() + 0.5) / rows, (self.col[bi].float() + 0.5) / cols  # float32, as before
+            bx0, by0, bx1, by1 = boxes[bi].tolist()
+            out[bi] = mask[bi] & (cx >= bx0) & (cx < bx1) & (cy >= by0) & (cy < by1)
         return out
 
     def random_image_tokens(self, k: int, seed: int = 0, image: int | None = None) -> Bool[Tensor, "batch pos"]:

@@ -111,8 +111,30 @@ class Attention(nn.Module):
         for hp in (self.hook_attn_scores, self.hook_pattern):
             hp.pos_dim = -2
         self.force_explicit = False  # set by analyses that must see the pattern (e.g. gradients through it)
+        self.use_attn_result = False  # TL's set_use_attn_result: build hook_result on every forward, hooked or not
 
-    # TransformerLens weight views ------------------------------------------------------------------------
+    # TransformerLens weight views (hooked_vlm/tl_api.py documents them) ---------------------------------------
+    def _in(self, proj: nn.Linear, heads: int) -> Tensor:
+        return einops.rearrange(proj.weight, "(h d) m -> h m d", h=heads)
+
+    def _bias(self, proj: nn.Linear, heads: int) -> Tensor:
+        b = proj.bias if proj.bias is not None else proj.weight.new_zeros(proj.weight.shape[0])
+        return b.view(heads, self.d_head)
+
+    def _expand(self, t: Tensor) -> Tensor:  # kv heads -> query heads, as TL's GroupedQueryAttention.W_K
+        return t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+
+    W_Q = property(lambda self: self._in(self.q_proj, self.n_heads), doc="[head, d_model, d_head]")
+    _W_K = property(lambda self: self._in(self.k_proj, self.n_kv_heads), doc="[kv_head, d_model, d_head]")
+    _W_V = property(lambda self: self._in(self.v_proj, self.n_kv_heads), doc="[kv_head, d_model, d_head]")
+    W_K = property(lambda self: self._expand(self._W_K), doc="[head, d_model, d_head] (kv heads repeated)")
+    W_V = property(lambda self: self._expand(self._W_V), doc="[head, d_model, d_head] (kv heads repeated)")
+    b_Q = property(lambda self: self._bias(self.q_proj, self.n_heads), doc="[head, d_head]")
+    _b_K = property(lambda self: self._bias(self.k_proj, self.n_kv_heads), doc="[kv_head, d_head]")
+    _b_V = property(lambda self: self._bias(self.v_proj, self.n_kv_heads), doc="[kv_head, d_head]")
+    b_K = property(lambda self: self._expand(self._b_K), doc="[head, d_head] (kv heads repeated)")
+    b_V = property(lambda self: self._expand(self._b_V), doc="[head, d_head] (kv heads repeated)")
+
     @property
     def W_O(self) -> Float[Tensor, "head d_head d_model"]:
         return einops.rearrange(self.o_proj.weight, "m (h d) -> h d m", h=self.n_heads)
@@ -120,6 +142,21 @@ class Attention(nn.Module):
     @property
     def b_O(self) -> Float[Tensor, "d_model"]:
         return self.o_proj.bias if self.o_proj.bias is not None else self.o_proj.weight.new_zeros(self.o_proj.weight.shape[0])
+
+    @property
+    def OV(self) -> "FactoredMatrix":
+        """W_V @ W_O per head, [head, d_model, d_model] as a transformer_lens FactoredMatrix."""
+        from transformer_lens.FactoredMatrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    @property
+    def QK(self) -> "FactoredMatrix":
+        """W_Q @ W_K^T per head, [head, d_model, d_model] (FactoredMatrix). Rotary positions are not in it: the
+        scores are (rotated q) . (rotated k), so QK gives them only for a zero relative offset."""
+        from transformer_lens.FactoredMatrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
     def pattern_wanted(self) -> bool:
         return self.force_explicit or self.hook_pattern.has_hooks() or self.hook_attn_scores.has_hooks()
@@ -166,7 +203,7 @@ class Attention(nn.Module):
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
-        if self.hook_result.has_hooks():
+        if self.use_attn_result or self.hook_result.has_hooks():
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
             return result.sum(-2) + self.b_O
         return self.o_proj(z.reshape(b, p, self.n_heads * self.d_head))

@@ -32,6 +32,12 @@ class GatedMLP(nn.Module):
     def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
         return self.down.weight.T
 
+    # TL's GatedMLP names: hook_pre = x @ W_gate (+ b_gate), hook_pre_linear = x @ W_in + b_in
+    W_gate = property(lambda self: self.gate.weight.T, doc="[d_model, d_mlp]")
+    W_in = property(lambda self: self.up.weight.T, doc="[d_model, d_mlp]")
+    b_gate = property(lambda self: _bias(self.gate))
+    b_in = property(lambda self: _bias(self.up))
+
     @property
     def b_out(self) -> Tensor:
         return self.down.bias if self.down.bias is not None else torch.zeros_like(self.down.weight[:, 0])
@@ -53,6 +59,13 @@ class MLP(nn.Module):
     def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
         return self.fc_out.weight.T
 
+    W_in = property(lambda self: self.fc_in.weight.T, doc="[d_model, d_mlp]")
+    b_in = property(lambda self: _bias(self.fc_in))
+
     @property
     def b_out(self) -> Tensor:
         return self.fc_out.bias if self.fc_out.bias is not None else torch.zeros_like(self.fc_out.weight[:, 0])
+
+
+def _bias(linear: nn.Linear) -> Tensor:
+    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
