@@ -151,3 +151,15 @@ def test_refusal_happens_before_weights_are_read(tmp_path):
         f.write_bytes(b"not a safetensors file")  # would fail to load if it were read
     with pytest.raises(ValueError, match=r"'gemma'"):
         HookedVLM.from_pretrained(str(tmp_path), processor=None)
+
+
+def test_supported_configurations_page_is_current():
+    """docs/supported_configurations.md's generated part equals the declarations (every refused field listed)."""
+    from hooked_vlm.families.declarations_doc import PAGE, render
+
+    page = PAGE.read_text()
+    assert render() in page, "run `python -m hooked_vlm.families.declarations_doc` to regenerate the page"
+    for family in FAMILIES.values():
+        for rules in family.config_fields:
+            for key in rules.refused:
+                assert f"`{key}`" in page and rules.config_class in page
