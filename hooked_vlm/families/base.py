@@ -224,7 +224,7 @@ def check_config_fields(hf_config: Any, family: str, rules: tuple[FieldRules, ..
     by_class = {r.config_class: r for r in rules}
     name = type(hf_config).__name__
     if name not in by_class:
-        supported = sorted({getattr(r, "config_class") for r in rules})
+        supported = sorted({r.config_class for r in rules})
         raise ValueError(
             f"{family}: {where} has model_type {getattr(hf_config, 'model_type', '?')!r} ({name}), which is not "
             f"supported by this family (supported config classes: {supported}); see docs/supported_configurations.md"

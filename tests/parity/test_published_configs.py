@@ -177,8 +177,10 @@ def check_geometry(name: str, hf, model) -> None:
     """What the published config says about the geometry reached our config unchanged."""
     pub, c = fixture(name)["config"], model.cfg
     text = pub.get("text_config", pub)
-    assert c.d_vocab == text["vocab_size"] and c.d_model == text["hidden_size"]
-    assert c.n_heads == text.get("num_attention_heads", hf.config.get_text_config().num_attention_heads)
+    tc = hf.config.get_text_config()
+    assert c.d_vocab == text["vocab_size"] == tc.vocab_size
+    assert c.d_model == text.get("hidden_size", tc.hidden_size) == tc.hidden_size  # llava-1.5 leaves Llama's defaults
+    assert c.n_heads == text.get("num_attention_heads", tc.num_attention_heads)
     tied = bool(getattr(hf.config.get_text_config(), "tie_word_embeddings", False)
                 or getattr(hf.config, "tie_word_embeddings", False))
     assert c.tie_word_embeddings == tied == bool(text.get("tie_word_embeddings", pub.get("tie_word_embeddings")))
