@@ -64,3 +64,14 @@ def test_dynamic_rope_frequencies_depend_on_length():
     short, long = torch.arange(16)[None], torch.arange(40)[None]
     assert torch.equal(rot.inv_freq_for(short), rot.inv_freq)
     assert (rot.inv_freq_for(long)[1:] < rot.inv_freq[1:]).all()  # a larger base: slower rotation
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "longrope"])
+def test_input_length_dependent_rope_bf16(kind):
+    """bf16 end to end on a prompt past the original context: within 2x HF's own bf16 error."""
+    from tiny import bf16_errors
+
+    hf = build(kind)
+    inputs = llava_inputs(hf, batch=2, pad_left=3)
+    our_err, hf_err, _, _ = bf16_errors(hf, inputs, real=inputs["attention_mask"].bool())
+    assert 0 < our_err <= 2 * hf_err, (our_err, hf_err)
