@@ -52,6 +52,10 @@ class HookedVLMConfig:
     eps: float = 1e-6
     rope_theta: float = 10000.0
     mrope_section: list[int] | None = None  # M-RoPE sections (Qwen2-VL); None = 1-D RoPE
+    # rope types whose frequencies depend on the input length (components/rotary.py): {"rope_type": "dynamic",
+    # "factor", "max_position_embeddings"} or {"rope_type": "longrope", "long_factor",
+    # "original_max_position_embeddings"}; None for the static types (their inv_freq is copied from HF)
+    rope_scaling: dict[str, Any] | None = None
     # per decoder layer: None = full causal attention, w = sliding window (the query and the w - 1 positions before
     # it; Mistral, Qwen2's layers from max_window_layers on). None here = every layer full.
     layer_windows: list[int | None] | None = None

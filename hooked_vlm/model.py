@@ -42,7 +42,7 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
         self.vision = self.family.build_vision(cfg)
         self.projector = self.family.build_projector(cfg)
         self.hook_embed = HookPoint()  # the residual stream's input: tokens + image features [batch, pos, d_model]
-        self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta, cfg.mrope_section)
+        self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta, cfg.mrope_section, scaling=cfg.rope_scaling)
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 NORMS[cfg.normalization_type](cfg.d_model, cfg.eps),
@@ -183,32 +183,24 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
     @classmethod
     def from_hf(cls, hf_model: nn.Module, processor: Any = None, copy_weights: bool = True) -> "HookedVLM":
         """Convert an in-memory HF model. The HF model is never modified; with copy_weights=False the two share
-        weight storage (no second copy in memory), so editing one model's weights edits the other's."""
-        family = get_family(hf_model.config.model_type)
-        cfg = family.config_from_hf(hf_model.config)
-        param = next(hf_model.parameters())
-        cfg.dtype, cfg.device, cfg.model_name = param.dtype, param.device, getattr(hf_model, "name_or_path", "")
-        with torch.device("meta"):
-            model = cls(cfg, processor)
-        sd = family.convert_state_dict(hf_model.state_dict(), cfg)
-        sd["rotary.inv_freq"] = _hf_inv_freq(hf_model)
-        if copy_weights:
-            sd = {k: v.detach().clone() for k, v in sd.items()}
-        fold_final_norm(sd)
-        model.load_state_dict(sd, strict=True, assign=True)
-        model.rotary.attention_scaling = getattr(_hf_rotary(hf_model), "attention_scaling", 1.0)
-        return model.eval()
+        weight storage (no second copy in memory), so editing one model's weights edits the other's. Config values
+        we do not implement are refused by name (docs/supported_configurations.md)."""
+        from .loading import from_hf
+
+        return from_hf(cls, hf_model, processor, copy_weights)
 
     @classmethod
     def from_pretrained(
         cls, name_or_dir: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-        device_map: Any = None, processor: Any = "auto",
+        device_map: Any = None, processor: Any = "auto", strict: bool = True,
     ) -> "HookedVLM":
-        """Load with Hugging Face (safetensors only: no pickle) and convert."""
-        from .loading import load_hf
+        """Load with Hugging Face (safetensors only: no pickle) and convert. Strict: missing or mis-shaped tensors
+        raise a ValueError naming them; so do tensors the model does not use, unless strict=False (then a warning
+        lists them)."""
+        from .loading import from_pretrained
 
-        hf_model, proc = load_hf(name_or_dir, dtype=dtype, device=device, device_map=device_map, processor=processor)
-        return cls.from_hf(hf_model, proc, copy_weights=False)
+        return from_pretrained(cls, name_or_dir, dtype=dtype, device=device, device_map=device_map,
+                               processor=processor, strict=strict)
 
     def extra_repr(self) -> str:
         c, v = self.cfg, self.cfg.vision
@@ -217,25 +209,6 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
         return (f"family={c.family!r}, n_layers={c.n_layers}, d_model={c.d_model}, n_heads={c.n_heads} "
                 f"(kv {c.n_key_value_heads}), d_vocab={c.d_vocab}, {vision}{len(self.hook_dict)} hooks: "
                 "model.hook_names(inputs) lists them with their shapes")
-
-
-def fold_final_norm(sd: dict[str, Tensor]) -> None:
-    """unembed <- unembed * ln_final.w (computed in float32), ln_final.w <- 1. New tensors: the HF model's weights
-    are untouched even when the others are shared."""
-    w = sd["ln_final.w"]
-    sd["unembed.weight"] = (sd["unembed.weight"].float() * w.float()[None, :]).to(sd["unembed.weight"].dtype)
-    sd["ln_final.w"] = torch.ones_like(w)
-
-
-def _hf_rotary(hf_model: nn.Module) -> nn.Module:
-    for name, mod in hf_model.named_modules():
-        if name.endswith("language_model.rotary_emb"):
-            return mod
-    raise ValueError("could not find the decoder's rotary embedding (language_model.rotary_emb) in the HF model")
-
-
-def _hf_inv_freq(hf_model: nn.Module) -> Tensor:
-    return _hf_rotary(hf_model).inv_freq.detach().float().clone()
 
 
 def causal_padding_mask(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:

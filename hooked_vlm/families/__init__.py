@@ -22,7 +22,7 @@ def get_family(model_type: str) -> Family:
 
 
 for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name != "base":
+    if _mod.name not in ("base", "backbones", "declarations_doc"):  # helpers, not families
         importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = ["Family", "ImageCoords", "FAMILIES", "register", "get_family"]

@@ -7,8 +7,8 @@ components never ask which family they are in.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -29,8 +29,65 @@ class ImageCoords:
     grids: dict[int, tuple[int, int]]
 
 
+@dataclass(frozen=True)
+class Accept:
+    """The values of a refused field that we reproduce; any other value raises at conversion, naming the field."""
+
+    describe: str  # for errors and docs/supported_configurations.md, e.g. "1.0 (no partial rotary)"
+    check: Callable[[Any], bool]
+
+
+def only(*values: Any) -> Accept:
+    """Accept exactly these values (None included if listed)."""
+    return Accept(" or ".join(repr(v) for v in values), lambda v: any(v == ok for ok in values))
+
+
+@dataclass(frozen=True)
+class FieldRules:
+    """How a family treats every field of one HF config class (matched by class name). Every field the class
+    has must be in exactly one of the three (tests/unit/test_config_fields.py walks the installed transformers):
+
+    - implemented: read at conversion and reproduced (parity-tested);
+    - ignored: {field: why it cannot change the logits} (tokenizer ids, init, dropout, output flags, videos...);
+    - refused: {field: Accept}: only the accepted values are reproduced; any other raises a ValueError naming
+      the field and its value when the model is converted.
+
+    Fields of HF's base `PreTrainedConfig` are declared once, in `COMMON_FIELDS`."""
+
+    config_class: str
+    implemented: tuple[str, ...] = ()
+    ignored: Mapping[str, str] = field(default_factory=dict)
+    refused: Mapping[str, Accept] = field(default_factory=dict)
+
+    def declared(self) -> set[str]:
+        return set(self.implemented) | set(self.ignored) | set(self.refused)
+
+
+COMMON_FIELDS = FieldRules(
+    "PreTrainedConfig",
+    implemented=("model_type",),
+    ignored={
+        "_name_or_path": "where the config was read from",
+        "architectures": "HF class names; the family comes from model_type",
+        "transformers_version": "the version that wrote the file",
+        "dtype": "the weights' dtype: the converted model takes the HF model's parameter dtype",
+        "chunk_size_feed_forward": "feed-forward chunking changes memory use, not the result",
+        "id2label": "classification heads: no VLM here has one",
+        "label2id": "classification heads: no VLM here has one",
+        "problem_type": "classification heads: no VLM here has one",
+        "is_encoder_decoder": "generation bookkeeping; every family here is decoder-only",
+        "output_attentions": "output format only (HookedVLM exposes patterns through hooks)",
+        "output_hidden_states": "output format only (HookedVLM exposes activations through hooks)",
+        "return_dict": "output format only",
+    },
+)
+
+
 class Family:
     model_type: ClassVar[str]
+    # how every field of the HF config classes this family converts is treated (see FieldRules); config classes
+    # not listed here (e.g. a Gemma text config inside a LLaVA config) are refused by model_type at conversion
+    config_fields: ClassVar[tuple[FieldRules, ...]] = ()
     # keywords the HF forward takes for these inputs, beyond input_ids / attention_mask / position_ids
     image_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     # HF keys deliberately not converted, as (prefix, why)
@@ -38,6 +95,11 @@ class Family:
 
     def config_from_hf(self, hf_config: Any) -> HookedVLMConfig:
         raise NotImplementedError
+
+    def check_config(self, hf_config: Any) -> None:
+        """Refuse, by name, a config this family would not reproduce exactly: a config class (e.g. the text
+        backbone) it has no `config_fields` for, or a refused field set to a value other than the accepted ones."""
+        check_config_fields(hf_config, self.model_type, self.config_fields)
 
     def build_vision(self, cfg: HookedVLMConfig) -> nn.Module:
         raise NotImplementedError
@@ -136,7 +198,7 @@ def decoder_fields(tc: Any) -> dict[str, Any]:
     """HookedVLMConfig fields of a Llama / Qwen2 text config."""
     d_head = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     rope = getattr(tc, "rope_parameters", None) or {}
-    return dict(
+    return dict(rope_scaling=rope_scaling(tc), 
         n_layers=tc.num_hidden_layers, d_model=tc.hidden_size, n_heads=tc.num_attention_heads,
         n_key_value_heads=tc.num_key_value_heads or tc.num_attention_heads, d_head=d_head, d_mlp=tc.intermediate_size,
         d_vocab=tc.vocab_size, act_fn=tc.hidden_act, eps=tc.rms_norm_eps, rope_theta=rope.get("rope_theta", 10000.0),
@@ -155,3 +217,55 @@ def layer_windows(tc: Any) -> list[int | None] | None:
     types = getattr(tc, "layer_types", None) or ["sliding_attention"] * tc.num_hidden_layers
     windows = [int(window) if kind == "sliding_attention" else None for kind in types]
     return windows if any(w is not None for w in windows) else None
+
+
+def check_config_fields(hf_config: Any, family: str, rules: tuple[FieldRules, ...], where: str = "config") -> None:
+    """`Family.check_config` for one config and its sub-configs (text_config, vision_config, ...)."""
+    by_class = {r.config_class: r for r in rules}
+    name = type(hf_config).__name__
+    if name not in by_class:
+        supported = sorted({r.config_class for r in rules})
+        raise ValueError(
+            f"{family}: {where} has model_type {getattr(hf_config, 'model_type', '?')!r} ({name}), which is not "
+            f"supported by this family (supported config classes: {supported}); see docs/supported_configurations.md"
+        )
+    for key, accept in by_class[name].refused.items():
+        value = getattr(hf_config, key, None)
+        if not accept.check(value):
+            raise ValueError(f"{family}: {where}.{key} = {value!r} is not supported (supported: {accept.describe}); "
+                             "see docs/supported_configurations.md")
+    for sub in getattr(hf_config, "sub_configs", None) or {}:
+        if getattr(hf_config, sub, None) is not None:
+            check_config_fields(getattr(hf_config, sub), family, rules, f"{where}.{sub}")
+
+
+# rope_parameters["rope_type"] -> how we reproduce it. Static types: HF's inv_freq and attention_scaling are copied
+# at conversion (exact). Dynamic types: components/rotary.py recomputes the frequencies per call as HF does.
+ROPE_TYPES = {"default": "static", "linear": "static", "yarn": "static", "llama3": "static",
+              "dynamic": "recomputed beyond max_position_embeddings", "longrope": "long factors beyond "
+              "original_max_position_embeddings"}
+
+
+def rope_parameters_ok(types: tuple[str, ...]) -> Accept:
+    """Accept rope_parameters with one of these rope types and the whole head rotated (partial_rotary_factor 1)."""
+
+    def check(rope: Any) -> bool:
+        rope = rope or {}
+        return rope.get("rope_type", "default") in types and rope.get("partial_rotary_factor", 1.0) in (None, 1.0) \
+            and not rope.get("mrope_interleaved", False)
+
+    return Accept(f"rope_type in {list(types)}, partial_rotary_factor 1.0", check)
+
+
+def rope_scaling(tc: Any) -> dict[str, Any] | None:
+    """What components/rotary.py needs for a rope type that depends on the input length (None: static)."""
+    rope = getattr(tc, "rope_parameters", None) or {}
+    kind = rope.get("rope_type", "default")
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_type {kind!r} is not supported; supported: {sorted(ROPE_TYPES)}")
+    if kind == "dynamic":
+        return dict(rope_type=kind, factor=rope["factor"], max_position_embeddings=tc.max_position_embeddings)
+    if kind == "longrope":
+        return dict(rope_type=kind, long_factor=list(rope["long_factor"]),
+                    original_max_position_embeddings=rope["original_max_position_embeddings"])
+    return None

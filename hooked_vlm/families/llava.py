@@ -11,7 +11,8 @@ from ..config import HookedVLMConfig, VisionCfg
 from ..projector import MLPProjector
 from ..vision import ViTTower
 from . import register
-from .base import Family, ImageCoords, KeyMapper, decoder_fields, map_decoder, map_vit_blocks
+from .backbones import CLIP_VISION, SIGLIP_VISION, TEXT_DECODERS
+from .base import Family, FieldRules, ImageCoords, KeyMapper, decoder_fields, map_decoder, map_vit_blocks
 
 TOWER_KINDS = {"clip_vision_model": dict(class_token=True, pre_norm=True, patch_bias=False),
                "siglip_vision_model": dict(class_token=False, pre_norm=False, patch_bias=True)}
@@ -44,8 +45,16 @@ def feature_layers(cfg: HookedVLMConfig, override: int | list[int] | None) -> li
     return [layer] if isinstance(layer, int) else list(layer)
 
 
+LLAVA_IMPLEMENTED = ("image_token_index", "multimodal_projector_bias", "projector_hidden_act", "text_config",
+                     "vision_config", "vision_feature_layer", "vision_feature_select_strategy", "tie_word_embeddings")
+LLAVA = FieldRules("LlavaConfig", implemented=LLAVA_IMPLEMENTED,
+                   ignored={"image_seq_length": "the processor's count of image tokens; the model places one feature "
+                                                "per image token it finds"})
+
+
 class Llava(Family):
     model_type = "llava"
+    config_fields = (LLAVA, *TEXT_DECODERS, CLIP_VISION, SIGLIP_VISION)
     image_kwargs = ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy")
     ignored_keys = (
         ("model.vision_tower.post_layernorm", "the VLM reads hidden states before the tower's final norm"),

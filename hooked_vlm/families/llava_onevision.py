@@ -57,8 +57,9 @@ from transformer_lens.hook_points import HookPoint
 from ..config import HookedVLMConfig
 from ..projector import MLPProjector
 from . import register
-from .base import ImageCoords, KeyMapper, map_decoder
-from .llava import Llava, feature_layers, map_vit
+from .backbones import SIGLIP_VISION, TEXT_DECODERS
+from .base import FieldRules, ImageCoords, KeyMapper, map_decoder
+from .llava import LLAVA_IMPLEMENTED, Llava, feature_layers, map_vit
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,16 @@ class OnevisionProjector(nn.Module):
         return torch.cat([base, hi.flatten(1, 2).transpose(0, 1)], dim=0)
 
 
+ONEVISION = FieldRules(
+    "LlavaOnevisionConfig", implemented=LLAVA_IMPLEMENTED + ("image_grid_pinpoints", "vision_aspect_ratio"),
+    ignored={"video_token_index": "videos are refused at the input (pixel_values_videos)"},
+)
+
+
 class LlavaOnevision(Llava):
     model_type = "llava_onevision"
+    # the released checkpoints use SigLIP; a CLIP tower is not parity-tested with anyres packing, so refused
+    config_fields = (ONEVISION, *TEXT_DECODERS, SIGLIP_VISION)
     image_kwargs = ("pixel_values", "image_sizes", "batch_num_images", "vision_feature_layer",
                     "vision_feature_select_strategy", "vision_aspect_ratio")
     ignored_keys = Llava.ignored_keys

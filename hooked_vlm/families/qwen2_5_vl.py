@@ -11,12 +11,24 @@ from typing import Any
 
 from ..config import VisionCfg
 from . import register
-from .base import KeyMapper
-from .qwen2_vl import VIDEO_KWARGS, Qwen2VL
+from .base import FieldRules, KeyMapper
+from .qwen2_vl import QWEN_VIT_IMPLEMENTED, QWEN_VIT_REFUSED, QWEN_VL_TEXT, QWEN_VL_TOP, VIDEO_KWARGS, Qwen2VL
+
+QWEN2_5_VL_FIELDS = (
+    FieldRules("Qwen2_5_VLConfig", **QWEN_VL_TOP),
+    FieldRules("Qwen2_5_VLTextConfig", **QWEN_VL_TEXT),
+    FieldRules("Qwen2_5_VLVisionConfig",
+               implemented=QWEN_VIT_IMPLEMENTED + ("fullatt_block_indexes", "intermediate_size", "out_hidden_size",
+                                                   "window_size"),
+               ignored={"initializer_range": "initialisation only",
+                        "tokens_per_second": "temporal positions of videos, which are refused at the input"},
+               refused=QWEN_VIT_REFUSED),
+)
 
 
 class Qwen2_5_VL(Qwen2VL):
     model_type = "qwen2_5_vl"
+    config_fields = QWEN2_5_VL_FIELDS
     image_kwargs = ("pixel_values", "image_grid_thw", "mm_token_type_ids") + VIDEO_KWARGS + ("second_per_grid_ts",)
 
     def vision_cfg(self, vc: Any) -> VisionCfg:

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from ..config import HookedVLMConfig, VisionCfg
 from ..vision.qwen_vit import PatchMerger, QwenViTTower
 from . import register
-from .base import Family, ImageCoords, KeyMapper, decoder_fields, map_decoder
+from .backbones import DECODER_IGNORED, DECODER_IMPLEMENTED
+from .base import Accept, Family, FieldRules, ImageCoords, KeyMapper, decoder_fields, map_decoder, rope_parameters_ok
 
 VIDEO_KWARGS = ("pixel_values_videos", "video_grid_thw")
 
@@ -82,8 +83,35 @@ def mrope_position_ids(
     return out.to(input_ids.device)
 
 
+QWEN_VL_TOP = dict(
+    implemented=("image_token_id", "text_config", "vision_config", "tie_word_embeddings", "vision_start_token_id",
+                 "vision_end_token_id"),
+    ignored={"video_token_id": "videos are refused at the input (pixel_values_videos, video tokens)"},
+)
+QWEN_VL_TEXT = dict(
+    implemented=DECODER_IMPLEMENTED,
+    ignored={**DECODER_IGNORED,
+             "use_sliding_window": "read by HF only through layer_types (refused unless all full_attention)",
+             "sliding_window": "read by HF only through layer_types (refused unless all full_attention)",
+             "max_window_layers": "read by HF only through layer_types (refused unless all full_attention)"},
+    refused={"layer_types": Accept("every layer 'full_attention' (sliding windows are not implemented for M-RoPE "
+                                   "decoders)", lambda v: all(t == "full_attention" for t in v or [])),
+             "rope_parameters": rope_parameters_ok(("default",))},  # M-RoPE; its mrope_section is implemented
+)
+QWEN_VIT_IMPLEMENTED = ("depth", "hidden_act", "hidden_size", "in_channels", "num_heads", "patch_size",
+                        "spatial_merge_size", "temporal_patch_size")
+QWEN_VIT_REFUSED = {"rope_parameters": rope_parameters_ok(("default", "axial"))}  # 2-D rope: rope_theta only
+QWEN2_VL_FIELDS = (
+    FieldRules("Qwen2VLConfig", **QWEN_VL_TOP),
+    FieldRules("Qwen2VLTextConfig", **QWEN_VL_TEXT),
+    FieldRules("Qwen2VLVisionConfig", implemented=QWEN_VIT_IMPLEMENTED + ("embed_dim", "mlp_ratio"),
+               ignored={"initializer_range": "initialisation only"}, refused=QWEN_VIT_REFUSED),
+)
+
+
 class Qwen2VL(Family):
     model_type = "qwen2_vl"
+    config_fields = QWEN2_VL_FIELDS
     image_kwargs = ("pixel_values", "image_grid_thw", "mm_token_type_ids") + VIDEO_KWARGS
 
     # ---------------------------------------------------------------------------------------------- config

@@ -83,15 +83,16 @@ def load_organism_hf(path: str | Path | None = None, attn_implementation: str = 
     return model.eval(), recipe.build_processor()
 
 
-def load_organism(path: str | Path | None = None, **kwargs):
+def load_organism(path: str | Path | None = None, strict: bool = True, **kwargs):
     """A ``HookedVLM`` of a Shapes organism with its processor attached (``kwargs`` go to
-    ``HookedVLM.from_pretrained``, e.g. ``dtype``)."""
+    ``HookedVLM.from_pretrained``, e.g. ``dtype``). Strict like ``from_pretrained``: a checkpoint whose tensors
+    do not match its config.json raises naming them; ``strict=False`` only forgives unused tensors (with a warning)."""
     from ..model import HookedVLM
     from .recipes import get_recipe
 
     path = organism_dir(path)
     processor = get_recipe(organism_record(path).get("family", "llava")).build_processor()
-    return HookedVLM.from_pretrained(str(path), processor=processor, **kwargs)
+    return HookedVLM.from_pretrained(str(path), processor=processor, strict=strict, **kwargs)
 
 
 __all__ = [
