@@ -17,6 +17,7 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from .cache import HookedVLMCache
 from .components import NORMS, Attention, GatedMLP, RotaryEmbedding, TransformerBlock
 from .config import HookedVLMConfig
 from .families import get_family
@@ -37,14 +38,17 @@ class HookedVLM(HookedRootModule):
         self.vision = self.family.build_vision(cfg)
         self.projector = self.family.build_projector(cfg)
         self.hook_embed = HookPoint()  # the residual stream's input: tokens + image features [batch, pos, d_model]
-        self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta, cfg.mrope_section)
+        self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta, cfg.mrope_section, interleaved=cfg.mrope_interleaved)
+        qk_norm = (lambda: NORMS[cfg.normalization_type](cfg.d_head, cfg.eps)) if cfg.qk_norm else (lambda: None)  # noqa: E731
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 NORMS[cfg.normalization_type](cfg.d_model, cfg.eps),
                 Attention(cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.qkv_bias, cfg.o_bias,
-                          causal=True, rotary=True, window=cfg.layer_windows[l] if cfg.layer_windows else None),
+                          causal=True, rotary=True, window=cfg.layer_windows[l] if cfg.layer_windows else None,
+                          q_norm=qk_norm(), k_norm=qk_norm()),
                 NORMS[cfg.normalization_type](cfg.d_model, cfg.eps),
                 GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.mlp_bias),
+                deepstack=l in cfg.deepstack_layers,
             )
             for l in range(cfg.n_layers)
         )
@@ -67,9 +71,9 @@ class HookedVLM(HookedRootModule):
         """Logits [batch, pos, d_vocab]. `logits_to_keep` (as in HF): 0 = every position; k > 0 = the last k
         positions only; a 1-D index tensor = those positions. `ln_final` and the unembedding then run on those
         positions only (full-vocabulary logits at every position are the largest tensor of a long forward)."""
-        x, rotary, mask = self.prepare(input_ids, attention_mask, position_ids, **image_inputs)
-        for block in self.blocks:
-            x = block(x, rotary, mask)
+        x, rotary, mask, inject = self.prepare(input_ids, attention_mask, position_ids, **image_inputs)
+        for l, block in enumerate(self.blocks):
+            x = block(x, rotary, mask, inject=inject.get(l))
         if isinstance(logits_to_keep, Tensor):
             if logits_to_keep.ndim != 1 or logits_to_keep.is_floating_point():
                 raise ValueError(f"logits_to_keep: expected an int or a 1-D integer index tensor, got "
@@ -87,10 +91,12 @@ class HookedVLM(HookedRootModule):
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         position_ids: Tensor | None = None,
         **image_inputs: Any,
-    ) -> tuple[Float[Tensor, "batch pos d_model"], tuple[Tensor, Tensor], Tensor | None]:
+    ) -> tuple[Float[Tensor, "batch pos d_model"], tuple[Tensor, Tensor], Tensor | None, dict[int, Tensor]]:
         """Everything before the decoder blocks: the residual stream's input (token embeddings with the image
-        features placed, `hook_embed`), the rotary (cos, sin) and the additive attention mask (None when
-        nothing is padded). `forward` = prepare -> blocks -> ln_final -> unembed; `hooked_vlm.resume` reuses it."""
+        features placed, `hook_embed`), the rotary (cos, sin), the additive attention mask (None when
+        nothing is padded) and the per-layer additions {layer: [batch, pos, d_model]} that blocks add after
+        their MLP (`inject`; Qwen3-VL DeepStack, empty for other families). `forward` = prepare -> blocks(...,
+        inject=inject.get(l)) -> ln_final -> unembed; `hooked_vlm.resume` reuses it."""
         if self._bound:  # inputs bound with `bind_inputs`, for tools that pass tokens only
             attention_mask = self._bound.get("attention_mask") if attention_mask is None else attention_mask
             position_ids = self._bound.get("position_ids") if position_ids is None else position_ids
@@ -102,8 +108,12 @@ class HookedVLM(HookedRootModule):
             image_inputs = dict(image_inputs, pixel_values=image_inputs["pixel_values"].to(input_ids.device))
         x = self.hook_token_embed(self.embed(input_ids))
         image_mask = input_ids == self.cfg.image_token_id
+        inject: dict[int, Tensor] = {}
         if image_inputs.get("pixel_values") is not None:
             feats = self.family.image_features(self, input_ids, **image_inputs)
+            if isinstance(feats, tuple):  # (features, {decoder layer: features added after that layer's MLP})
+                feats, extra = feats
+                inject = {l: merge_image_features(torch.zeros_like(x), image_mask, f) for l, f in extra.items()}
             x = merge_image_features(x, image_mask, feats)
         elif image_mask.any():
             raise ValueError(f"the text has {int(image_mask.sum())} image tokens but no pixel_values were given")
@@ -115,7 +125,7 @@ class HookedVLM(HookedRootModule):
         if position_ids is None:
             position_ids = self.family.position_ids(self, input_ids, attention_mask, **image_inputs)
         rotary = self.rotary(position_ids.to(input_ids.device), x.dtype)
-        return x, rotary, causal_padding_mask(attention_mask, x.dtype)
+        return x, rotary, causal_padding_mask(attention_mask, x.dtype), inject
 
     def _check_kwargs(self, input_ids: Tensor | None, image_inputs: dict[str, Any]) -> None:
         unknown = sorted(set(image_inputs) - self._accepted)
@@ -155,7 +165,7 @@ class HookedVLM(HookedRootModule):
                     "accelerator, fewer prompts / positions; or pass max_cache_bytes=None to run it anyway."
                 )
         out, cache = super().run_with_cache(*args, **kwargs)
-        return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+        return out, HookedVLMCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
 
     def estimate_cache_bytes(self, inputs: Mapping[str, Any], names_filter: Any = None) -> int:
         """Bytes a run_with_cache of `inputs` would hold for the hooks `names_filter` selects (None: all), from the

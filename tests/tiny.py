@@ -255,3 +255,25 @@ def bf16_errors(hf, inputs, processor=None, real=None):
         ours = model(**bf)
     sel = (lambda t: t[real]) if real is not None else (lambda t: t)
     return sel(ours.float() - ref32).abs().max(), sel(hf16 - ref32).abs().max(), model, ours
+
+
+# --------------------------------------------------------------------------------------------------- Qwen3-VL
+def tiny_qwen3_vl(seed: int = 0, vocab: int = 64, deepstack=(0, 2), tie: bool = False):
+    """Qwen3-VL sized like tiny_qwen_vl (same token ids, 4 px patches, 2x2 merge, so `qwen_inputs` feeds it): vision
+    width 32, depth 3, 4 heads, GELU(tanh) MLP 48, a 4x4 learned position table (resampled to every grid),
+    DeepStack from vision blocks `deepstack` into decoder layers 0.. ; decoder hidden 64, 4 heads of head_dim 16 (2 kv
+    heads), 3 layers, qk-norm, interleaved M-RoPE with mrope_section [2, 3, 3] (d_head / 2 = 8 frequencies: t h w t h
+    w t h), attention biases on."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512, pad_token_id=0, attention_bias=True,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3], mrope_interleaved=True))
+    vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3, num_position_embeddings=16,
+                  deepstack_visual_indexes=list(deepstack), hidden_act="gelu_pytorch_tanh")
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
+                        vision_start_token_id=QWEN_VSTART, vision_end_token_id=QWEN_VEND, tie_word_embeddings=tie)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return redraw(Qwen3VLForConditionalGeneration(cfg), seed=seed)
