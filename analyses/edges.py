@@ -122,6 +122,11 @@ def _is_vision(name: str) -> bool:
 
 def node_names(model: Any, *, image_path: bool = False) -> list[str]:
     c = model.cfg
+    if getattr(c, "deepstack_layers", None):  # an uncounted residual term would make every result inexact
+        raise NotImplementedError(
+            f"edge attribution does not support DeepStack models yet ({c.family}: image features are also added after "
+            f"decoder blocks {list(c.deepstack_layers)}, blocks.{{l}}.hook_deepstack, which is no node of this graph); "
+            "use analyses.patching / analyses.paths, or cache.decompose_resid, which count those additions")
     vision = _vision_nodes(vision_depth(model)) if image_path else []
     return (vision + ["embed_image", "embed_text"] + [f"L{l}H{h}" for l in range(c.n_layers) for h in range(c.n_heads)]
             + [f"MLP{l}" for l in range(c.n_layers)])

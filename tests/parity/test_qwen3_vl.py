@@ -217,3 +217,10 @@ def test_refused_inputs(pair):
     video = dict(inputs, mm_token_type_ids=inputs["mm_token_type_ids"] * 2)
     with pytest.raises(ValueError, match="mm_token_type_ids"):
         model(**video)
+
+
+def test_edge_attribution_refuses_deepstack_by_name(pair):
+    from analyses.edges import valid_edges
+
+    with pytest.raises(NotImplementedError, match="DeepStack"):
+        valid_edges(pair[1])
