@@ -277,3 +277,27 @@ def tiny_qwen3_vl(seed: int = 0, vocab: int = 64, deepstack=(0, 2), tie: bool = 
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     return redraw(Qwen3VLForConditionalGeneration(cfg), seed=seed)
+
+
+def qwen3_processor():
+    """The real Qwen3VLProcessor (image part: the PIL Qwen2-VL image processor of `qwen_image_processor`; the video
+    processor needs torchvision, so it is left out) with a word-level tokenizer for vocab 64: pad "<pad>" (0), unk
+    (1), words "w2".."w59", and Qwen's <|image_pad|> / <|video_pad|> / <|vision_start|> / <|vision_end|> at
+    QWEN_IMAGE / QWEN_VIDEO / QWEN_VSTART / QWEN_VEND. Pads on the left; returns mm_token_type_ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3VLProcessor
+
+    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+    special = {0: "<pad>", 1: "<unk>", QWEN_IMAGE: "<|image_pad|>", QWEN_VIDEO: "<|video_pad|>",
+               QWEN_VSTART: "<|vision_start|>", QWEN_VEND: "<|vision_end|>"}
+    tok = Tokenizer(models.WordLevel(vocab={special.get(i, f"w{i}"): i for i in range(64)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+    return ImageOnlyQwen3VLProcessor(image_processor=qwen_image_processor(), tokenizer=fast)

@@ -10,7 +10,8 @@ vs HF's own helpers; TokenLayout; resume; bf16; save_pretrained round trip; refu
 """
 import pytest
 import torch
-from tiny import QWEN_IMAGE, QWEN_VEND, bf16_errors, hf_final_norm_weight, qwen_inputs, tiny_qwen3_vl
+from tiny import (QWEN_IMAGE, QWEN_VEND, bf16_errors, hf_final_norm_weight, qwen3_processor, qwen_inputs, random_image,
+                  tiny_qwen3_vl)
 
 from hooked_vlm import HookedVLM
 from hooked_vlm.resume import capture, resume
@@ -79,6 +80,25 @@ def test_parity_left_padding_different_image_sizes(pair):
     inputs = qwen_inputs(MIXED)
     assert (inputs["attention_mask"] == 0).any() and inputs["image_grid_thw"].tolist() == [[1, 4, 6], [1, 8, 6], [1, 2, 4]]
     compare(*pair, inputs)
+
+
+def test_real_processor_inputs_layout_and_to_tokens(pair):
+    """The real Qwen3VLProcessor (image part, word-level tokenizer): left padding, three images of three sizes."""
+    hf, _ = pair
+    proc = qwen3_processor()
+    model = HookedVLM.from_hf(hf, proc)
+    img = "<|vision_start|> <|image_pad|> <|vision_end|>"
+    texts = [f"w5 w6 {img} w7", f"w8 {img} w9 {img} w10 w11"]
+    images = [random_image(16, 24), random_image(32, 24, 1), random_image(8, 16, 2)]
+    inputs = dict(proc(text=texts, images=images, return_tensors="pt", padding=True))
+    assert inputs["image_grid_thw"].tolist() == [[1, 4, 6], [1, 8, 6], [1, 2, 4]] and (inputs["attention_mask"] == 0).any()
+    compare(hf, model, inputs)
+    layout = model.layout(inputs)
+    assert layout.grids == [[{0: (2, 3)}], [{0: (4, 3)}, {0: (1, 2)}]]
+    assert torch.equal(layout.position_ids, rope_index(hf, inputs))
+    assert (inputs["input_ids"][layout.end_of_image(-1)] == QWEN_VEND).all()
+    with model.bind_inputs(**inputs):
+        assert torch.equal(model.to_tokens(texts), inputs["input_ids"])
 
 
 def test_two_images_in_one_prompt(pair):
