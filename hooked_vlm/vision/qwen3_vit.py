@@ -71,7 +71,8 @@ class Qwen3ViTTower(QwenViTTower):
         dev = self.patch_embed.weight.device
         x = self.hook_patch_embed(self.patch_embed(pixel_values.to(dev, self.patch_embed.weight.dtype))[None])
         index, weight = position_interpolation(grid_thw, self.side, cfg.spatial_merge_size)
-        pos = (self.pos_embed[index.to(dev)] * weight.to(dev, self.pos_embed.dtype)[..., None]).sum(1)
+        # float32 weights times the table (promoted, as HF), summed over the 4 taps, then cast to the patches' dtype
+        pos = (self.pos_embed[index.to(dev)] * weight.to(dev)[..., None]).sum(1)
         x = self.hook_embed(x + pos.to(x.dtype))
         cos, sin = self.rotary(grid_thw, dev)
         mask = Segments(frame_segments(grid_thw))
