@@ -142,6 +142,10 @@ def test_deepstack_matters_and_is_its_own_component(pair):
         full, labels = cache.get_full_resid_decomposition(layer=layer, expand_neurons=True, return_labels=True)
         target = cache["blocks.1.hook_resid_post" if layer == 2 else "blocks.2.hook_resid_post"]
         assert "1_deepstack" in labels and (full.sum(0) - target).abs().max() <= 1e-4
+    normalized = cache["ln_final.hook_normalized"]  # with the final norm and a projection onto a logit direction
+    assert (cache.decompose_resid(layer=None, apply_ln=True).sum(0) - normalized).abs().max() <= 1e-5
+    proj = cache.get_full_resid_decomposition(layer=None, apply_ln=True, project_output_onto=model.W_U[:, 5])
+    assert (proj.sum(0) - base[..., 5]).abs().max() <= 1e-4
     one = cache.apply_slice_to_batch_dim(1)
     assert "1_deepstack" in one.decompose_resid(layer=2, return_labels=True)[1]
 
