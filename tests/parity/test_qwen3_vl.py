@@ -243,8 +243,31 @@ def test_refused_inputs(pair):
         model(**video)
 
 
-def test_edge_attribution_refuses_deepstack_by_name(pair):
-    from analyses.edges import valid_edges
+def test_edge_attribution_has_deepstack_nodes():
+    """analyses.edges: DS{l} nodes make the decoder graph complete (every edge kept = the clean run, none = the
+    corrupt one, exactly), the DeepStack edges carry part of an image counterfactual, EAP-IG(1) == EAP, and the
+    image-path graph refuses DeepStack models by name."""
+    from analyses.edges import eap, eap_ig, edge_effects, faithfulness, node_names, valid_edges
+    from analyses.metrics import LogitDiff
 
+    model = HookedVLM.from_hf(tiny_qwen3_vl()).double()
+    clean = qwen_inputs([[(16, 16)], [(16, 8)]], seed=0)
+    clean["pixel_values"] = clean["pixel_values"].double()
+    noise = torch.randn(clean["pixel_values"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    corrupt = dict(clean, pixel_values=clean["pixel_values"] + noise)
+    metric = LogitDiff(torch.tensor([3, 4]), torch.tensor([5, 6]), clean["attention_mask"])
+    assert node_names(model)[-2:] == ["DS0", "DS1"] and ("DS0", "L1H0.k") in valid_edges(model)
+    assert ("DS1", "L1H0.k") not in valid_edges(model) and ("DS0", "MLP0") not in valid_edges(model)
+    with torch.no_grad():
+        m_clean, m_corrupt = metric(model(**clean)).mean(), metric(model(**corrupt)).mean()
+    tol = dict(rtol=0, atol=1e-9)
+    torch.testing.assert_close(faithfulness(model, clean, corrupt, metric, valid_edges(model)).value, m_clean, **tol)
+    torch.testing.assert_close(faithfulness(model, clean, corrupt, metric, []).value, m_corrupt, **tol)
+    without = [e for e in valid_edges(model) if not e[0].startswith("DS")]
+    assert (faithfulness(model, clean, corrupt, metric, without).value - m_clean).abs() > 0.05
+    graph = eap(model, clean, corrupt, metric)
+    torch.testing.assert_close(eap_ig(model, clean, corrupt, metric, steps=1).scores, graph.scores, equal_nan=True, **tol)
+    assert graph.score("DS0", "L1H0.v").abs() > 1e-3
+    assert edge_effects(model, clean, corrupt, metric, [("DS0", "L1H0.k")], progress=False).abs().max() > 1e-3
     with pytest.raises(NotImplementedError, match="DeepStack"):
-        valid_edges(pair[1])
+        valid_edges(model, image_path=True)
