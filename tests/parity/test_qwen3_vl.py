@@ -271,3 +271,24 @@ def test_edge_attribution_has_deepstack_nodes():
     assert edge_effects(model, clean, corrupt, metric, [("DS0", "L1H0.k")], progress=False).abs().max() > 1e-3
     with pytest.raises(NotImplementedError, match="DeepStack"):
         valid_edges(model, image_path=True)
+
+
+def test_path_patching_deepstack_senders(pair):
+    """analyses.paths: "DS{l}" senders. DS1 is added after block 1, so it has no path into layer-1 receivers (exactly
+    0); DS0 reaches L1H0's keys; a counterfactual equal to the clean inputs gives 0; unknown levels raise."""
+    from analyses.metrics import LogitDiff
+    from analyses.paths import path_patch
+
+    _, model = pair
+    clean = qwen_inputs([[(16, 16)], [(16, 8)]], seed=0)
+    corrupt = dict(clean, pixel_values=qwen_inputs([[(16, 16)], [(16, 8)]], seed=1)["pixel_values"])
+    metric = LogitDiff(torch.tensor([3, 4]), torch.tensor([5, 6]), clean["attention_mask"])
+    res = path_patch(model, clean, corrupt, metric, ["DS0", "DS1", ["DS0", "DS1", "projector"]], [(1, "k", 0)],
+                     progress=False)
+    effect = res.effect()
+    assert effect[1] == 0 and effect[0].abs() > 1e-3 and res.labels["sender"][2] == ["projector", "DS0", "DS1"]
+    same = path_patch(model, clean, clean, metric, ["DS0"], "logits", progress=False)
+    assert same.effect().abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="DeepStack features after blocks \\[0, 1\\] only"):
+        path_patch(model, clean, corrupt, metric, ["DS2"], "logits", progress=False)
+
