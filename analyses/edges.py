@@ -6,6 +6,8 @@ Graph. Upstream nodes (each writes an additive term of the residual stream):
   ``embed_image`` (``hook_embed`` at image positions: the projector's output, i.e. the whole image path),
   ``embed_text`` (``hook_embed`` elsewhere), every head ``L{l}H{h}`` (its ``hook_result``) and every MLP
   ``MLP{l}`` (``hook_mlp_out``). The attention output bias is a constant, not a node.
+  DeepStack models (Qwen3-VL) add ``DS{l}`` (``blocks.{l}.hook_deepstack``: image features added after block l's
+  MLP; a graph input like ``embed_image``, written after ``MLP{l}``); with ``image_path=True`` they raise.
 Receivers (each reads the residual stream):
   ``L{l}H{h}.q`` (query head h), ``L{l}H{g}.k`` / ``L{l}H{g}.v`` (KEY/VALUE head g: with grouped-query attention
   one kv head serves ``n_heads / n_kv_heads`` query heads), ``MLP{l}`` and ``logits``.
@@ -122,9 +124,19 @@ def _is_vision(name: str) -> bool:
 
 def node_names(model: Any, *, image_path: bool = False) -> list[str]:
     c = model.cfg
+    if image_path and _deepstack(model):  # the DeepStack mergers read inner tower blocks: no receiver models that
+        raise NotImplementedError(
+            f"image_path=True does not support DeepStack models yet ({c.family}: mergers read vision blocks "
+            f"{model.cfg.family_options.get('deepstack_visual_indexes')} besides the last); use image_path=False, whose "
+            "graph has the DeepStack additions as nodes DS{l}")
     vision = _vision_nodes(vision_depth(model)) if image_path else []
     return (vision + ["embed_image", "embed_text"] + [f"L{l}H{h}" for l in range(c.n_layers) for h in range(c.n_heads)]
-            + [f"MLP{l}" for l in range(c.n_layers)])
+            + [f"MLP{l}" for l in range(c.n_layers)] + [f"DS{l}" for l in _deepstack(model)])
+
+
+def _deepstack(model: Any) -> list[int]:
+    """Decoder layers with a DeepStack addition (Qwen3-VL; `blocks.{l}.hook_deepstack`), [] for other families."""
+    return list(getattr(model.cfg, "deepstack_layers", None) or [])
 
 
 def receiver_names(model: Any, *, image_path: bool = False) -> list[str]:
@@ -138,9 +150,11 @@ def receiver_names(model: Any, *, image_path: bool = False) -> list[str]:
 
 
 def _parse_node(u: str) -> tuple[int, int]:
-    """Write order: embed (-1, 0), head of layer l (l, 0), MLP l (l, 1)."""
+    """Write order: embed (-1, 0), head of layer l (l, 0), MLP l (l, 1), DeepStack addition after block l (l, 2)."""
     if u.startswith("embed"):
         return (-1, 0)
+    if u.startswith("DS"):
+        return (int(u[2:]), 2)
     if u.startswith("MLP"):
         return (int(u[3:]), 1)
     return (int(u[1:].split("H")[0]), 0)
@@ -184,7 +198,7 @@ def _node_hooks(model: Any, depth: int | None = None) -> list[str]:
     vision = [] if depth is None else ["vision.blocks.0.hook_resid_pre"] + [
         f"vision.blocks.{k}.hook_{s}_out" for k in range(depth) for s in ("attn", "mlp")]
     return (vision + ["hook_embed"] + [f"blocks.{l}.attn.hook_result" for l in range(n)]
-            + [f"blocks.{l}.hook_mlp_out" for l in range(n)])
+            + [f"blocks.{l}.hook_mlp_out" for l in range(n)] + [f"blocks.{l}.hook_deepstack" for l in _deepstack(model)])
 
 
 def _image_mask(model: Any, inputs: dict[str, Any]) -> Tensor:
@@ -213,6 +227,11 @@ def _acts_from_cache(model: Any, cache: Any, img: Tensor, depth: int | None = No
         for h in range(model.cfg.n_heads):
             acts[f"L{l}H{h}"] = r[:, :, h]
         acts[f"MLP{l}"] = cache[f"blocks.{l}.hook_mlp_out"]
+    for l in _deepstack(model):
+        try:
+            acts[f"DS{l}"] = cache[f"blocks.{l}.hook_deepstack"]
+        except KeyError:  # no images in the run: nothing was added
+            acts[f"DS{l}"] = torch.zeros_like(e)
     return acts
 
 
@@ -286,6 +305,8 @@ def _edge_hooks(
     def on_embed(x: Tensor, hook: Any = None) -> None:
         m = img.to(x.device).repeat(x.shape[0] // img.shape[0], 1, 1)
         cur["embed_image"], cur["embed_text"] = x * m, x * ~m
+        for l in _deepstack(model):  # 0 unless the block adds something (no image in this run)
+            cur[f"DS{l}"] = torch.zeros_like(x)
 
     def store(key: str) -> Callable:
         def fn(x: Tensor, hook: Any = None) -> None:
@@ -328,6 +349,11 @@ def _edge_hooks(
             return out
         return fn
 
+    def on_deepstack(l: int) -> Callable:
+        def fn(x: Tensor, hook: Any = None) -> None:
+            cur[f"DS{l}"] = x
+        return fn
+
     def on_final(x: Tensor, hook: Any = None) -> Tensor:
         d = delta("logits") if "logits" in active else None
         return x if d is None else x + d
@@ -344,6 +370,8 @@ def _edge_hooks(
         hooks.append((f"blocks.{l}.attn.hook_result", on_result(l)))
         hooks.append((f"blocks.{l}.hook_resid_mid", store(f"mid{l}")))
         hooks.append((f"blocks.{l}.hook_mlp_out", on_mlp(l)))
+        if l in _deepstack(model):
+            hooks.append((f"blocks.{l}.hook_deepstack", on_deepstack(l)))
     hooks.append((f"blocks.{c.n_layers - 1}.hook_resid_post", on_final))
     return hooks
 
@@ -556,6 +584,9 @@ def eap(
                 v_c, v_x = acts_c["V.embed"], acts_x["V.embed"]
                 ve = v_c + (k / ig_steps) * (v_x - v_c)
                 hooks.append(("vision.blocks.0.hook_resid_pre", lambda x, hook=None, ve=ve: ve.to(x.device, x.dtype)))
+            for l in _deepstack(model):  # DeepStack additions are graph inputs too: interpolated with hook_embed
+                ds = acts_c[f"DS{l}"] + (k / ig_steps) * (acts_x[f"DS{l}"] - acts_c[f"DS{l}"])
+                hooks.append((f"blocks.{l}.hook_deepstack", lambda x, hook=None, ds=ds: ds.to(x.device, x.dtype)))
             _, g = receiver_gradients(model, clean_inputs, metric, embed=e_c + (k / ig_steps) * (e_x - e_c),
                                       fwd_hooks=hooks, image_path=image_path)
             for v in recv:

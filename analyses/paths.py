@@ -63,22 +63,23 @@ class SenderSet:
     vision: set[int] = field(default_factory=set)  # vision blocks (their hook_attn_out and hook_mlp_out)
     projector: bool = False  # projector.hook_out: the image features as placed
     vision_embed: bool = False  # vision.blocks.0.hook_resid_pre: the tower residual's input
+    deepstack: set[int] = field(default_factory=set)  # decoder layers whose hook_deepstack (Qwen3-VL) is sent
 
     @property
     def label(self) -> list[str]:
         return ([f"L{l}H{h}" for l, hs in sorted(self.heads.items()) for h in hs] + [f"MLP{l}" for l in sorted(self.mlps)]
                 + [f"embed_{k}" for k in sorted(self.embed)] + (["V.embed"] if self.vision_embed else [])
                 + [f"V{k}" for k in sorted(self.vision)]
-                + (["projector"] if self.projector else []))
+                + (["projector"] if self.projector else []) + [f"DS{l}" for l in sorted(self.deepstack)])
 
 
-_NODE = re.compile(r"L(\d+)H(\d+)|MLP(\d+)|V(\d+)|embed_(image|text)|projector|V\.embed")
+_NODE = re.compile(r"L(\d+)H(\d+)|MLP(\d+)|V(\d+)|embed_(image|text)|projector|V\.embed|DS(\d+)")
 
 
 def _as_sender_sets(model: Any, senders: Any) -> list[SenderSet]:
     """Each sender set: a node or a list of nodes; a node is (layer, head) or a name "L{l}H{h}", "MLP{l}",
     "embed_image", "embed_text", "V.embed" (the vision tower residual's input), "V{k}" (vision block k) or
-    "projector" (the vocabulary of `analyses.edges`)."""
+    "projector" or "DS{l}" (Qwen3-VL: the DeepStack addition after block l) (the vocabulary of `analyses.edges`)."""
     out = []
     n_vision = len(getattr(model.vision, "blocks", ()))
     for s in senders:
@@ -92,9 +93,9 @@ def _as_sender_sets(model: Any, senders: Any) -> list[SenderSet]:
             m = _NODE.fullmatch(str(node))
             if m is None:
                 raise ValueError(f"unknown sender {node!r}: expected (layer, head), 'L{{l}}H{{h}}', 'MLP{{l}}', "
-                                 "'embed_image', 'embed_text', 'V.embed' (the vision tower's input), 'V{k}' (vision block) or "
-                                 "'projector'")
-            head_l, head_h, mlp, vis, embed = m.groups()
+                                 "'embed_image', 'embed_text', 'V.embed' (the vision tower's input), 'V{k}' (vision block), "
+                                 "'projector' or 'DS{l}' (a DeepStack addition)")
+            head_l, head_h, mlp, vis, embed, ds = m.groups()
             if head_l is not None:
                 if not (0 <= int(head_l) < model.cfg.n_layers and 0 <= int(head_h) < model.cfg.n_heads):
                     raise ValueError(f"sender {node} is out of range ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads)")
@@ -109,6 +110,11 @@ def _as_sender_sets(model: Any, senders: Any) -> list[SenderSet]:
                 sset.vision.add(int(vis))
             elif embed is not None:
                 sset.embed.add(embed)
+            elif ds is not None:
+                if int(ds) not in (getattr(model.cfg, "deepstack_layers", None) or []):
+                    raise ValueError(f"sender {node}: this model adds DeepStack features after blocks "
+                                     f"{list(getattr(model.cfg, 'deepstack_layers', None) or [])} only")
+                sset.deepstack.add(int(ds))
             else:
                 if node == "V.embed":
                     sset.vision_embed = True
@@ -219,6 +225,8 @@ def path_patch(
     x_names += ["hook_embed"] if any(s.embed for s in sets) else []
     x_names += ["projector.hook_out"] if any(s.projector for s in sets) else []
     x_names += ["vision.blocks.0.hook_resid_pre"] if any(s.vision_embed for s in sets) else []
+    ds_layers = sorted(set().union(*(s.deepstack for s in sets)))
+    x_names += [f"blocks.{l}.hook_deepstack" for l in ds_layers]
     clean = as_float(metric(model(**clean_inputs)))
     corrupt = as_float(metric(model(**counterfactual_inputs)))
     _, cc = model.run_with_cache(**clean_inputs, names_filter=sorted(set(z_names + mlp_names + x_names)))
@@ -277,6 +285,11 @@ def path_patch(
         if "projector.hook_out" in vx:
             hooks.append(("projector.hook_out", _slot_hook(vc["projector.hook_out"], vx["projector.hook_out"],
                                                            [True if s.projector else None for s in chunk], False)))
+        for l in ds_layers:  # recomputed (from the clean pixels) unless sent
+            name = f"blocks.{l}.hook_deepstack"
+            if name in vx:
+                hooks.append((name, _slot_hook(vc[name], vx[name], [True if l in s.deepstack else None for s in chunk],
+                                               False)))
         if (name := "vision.blocks.0.hook_resid_pre") in vx:
             hooks.append((name, _slot_hook(vc[name], vx[name], [True if s.vision_embed else None for s in chunk], False)))
         return hooks

@@ -56,6 +56,11 @@ class HookedVLMConfig:
     # "factor", "max_position_embeddings"} or {"rope_type": "longrope", "long_factor",
     # "original_max_position_embeddings"}; None for the static types (their inv_freq is copied from HF)
     rope_scaling: dict[str, Any] | None = None
+    mrope_interleaved: bool = False  # Qwen3-VL: t/h/w frequencies interleaved (t h w t h w ...), not in sections
+    qk_norm: bool = False  # Qwen3-VL: RMSNorm over d_head on every query and key head, before rotary
+    # decoder layers whose residual stream gets a per-layer addition from the image features after their MLP
+    # (Qwen3-VL DeepStack: layer l gets the l-th vision feature level at image positions), hook `hook_deepstack`
+    deepstack_layers: list[int] = field(default_factory=list)
     # per decoder layer: None = full causal attention, w = sliding window (the query and the w - 1 positions before
     # it; Mistral, Qwen2's layers from max_window_layers on). None here = every layer full.
     layer_windows: list[int | None] | None = None

@@ -436,17 +436,19 @@ class _KVCache:
 
         return write
 
-    def _run(self, x: Tensor, rotary: Any, mask: Tensor | None, n_past: int) -> Tensor:
+    def _run(self, x: Tensor, rotary: Any, mask: Tensor | None, n_past: int, inject: dict[int, Tensor] | None = None
+             ) -> Tensor:
         m = self.model
         for l, block in enumerate(m.blocks):
             past = (self.keys[l][:, :n_past], self.values[l][:, :n_past]) if n_past else None
-            x = block(x, rotary, mask, past)
+            x = block(x, rotary, mask, past, inject=(inject or {}).get(l))
         return m.unembed(m.ln_final(x[:, -1:].to(m.unembed.weight.device)))[:, -1]
 
     def prefill(self, input_ids: Tensor, mask: Tensor, positions: Tensor, image_inputs: dict[str, Any]) -> Tensor:
-        x, rotary, additive = self.model.prepare(input_ids, mask, positions, **image_inputs)
+        # DeepStack additions (Qwen3-VL) sit at image positions: the prompt's only; decode steps are text
+        x, rotary, additive, inject = self.model.prepare(input_ids, mask, positions, **image_inputs)
         self.offset = 0
-        logits = self._run(x, rotary, additive, 0)
+        logits = self._run(x, rotary, additive, 0, inject)
         self.offset = input_ids.shape[1]
         return logits
 

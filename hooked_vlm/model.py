@@ -15,6 +15,7 @@ from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from . import cache_guard
+from .cache import HookedVLMCache
 from .components import NORMS, Attention, GatedMLP, RotaryEmbedding, TransformerBlock
 from .components.unembed import Unembed
 from .config import HookedVLMConfig
@@ -42,14 +43,18 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
         self.vision = self.family.build_vision(cfg)
         self.projector = self.family.build_projector(cfg)
         self.hook_embed = HookPoint()  # the residual stream's input: tokens + image features [batch, pos, d_model]
-        self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta, cfg.mrope_section, scaling=cfg.rope_scaling)
+        self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta, cfg.mrope_section, scaling=cfg.rope_scaling,
+                                      interleaved=cfg.mrope_interleaved)
+        qk_norm = (lambda: NORMS[cfg.normalization_type](cfg.d_head, cfg.eps)) if cfg.qk_norm else (lambda: None)  # noqa: E731
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 NORMS[cfg.normalization_type](cfg.d_model, cfg.eps),
                 Attention(cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.qkv_bias, cfg.o_bias,
-                          causal=True, rotary=True, window=cfg.layer_windows[l] if cfg.layer_windows else None),
+                          causal=True, rotary=True, window=cfg.layer_windows[l] if cfg.layer_windows else None,
+                          q_norm=qk_norm(), k_norm=qk_norm()),
                 NORMS[cfg.normalization_type](cfg.d_model, cfg.eps),
                 GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.mlp_bias),
+                deepstack=l in cfg.deepstack_layers,
             )
             for l in range(cfg.n_layers)
         )
@@ -89,12 +94,17 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
                         positions with image_grid_thw / mm_token_type_ids) or `position_ids=`. The vision tower
                         does not run: image features are already in the residual."""
         if start_at_layer is None:
-            x, rotary, mask = self.prepare(input_ids, attention_mask, position_ids, **image_inputs)
+            x, rotary, mask, inject = self.prepare(input_ids, attention_mask, position_ids, **image_inputs)
             tokens = input_ids
         else:
-            x, rotary, mask = self._resume_inputs(input_ids, tokens, attention_mask, position_ids, **image_inputs)
-        for block in self.blocks[self._layer_range(start_at_layer, stop_at_layer)]:
-            x = block(x, rotary, mask)
+            deep = [l for l in self.cfg.deepstack_layers if l >= range(len(self.blocks))[start_at_layer]]
+            if deep:  # their image-feature additions come from the vision tower, which does not run here
+                raise ValueError(f"start_at_layer={start_at_layer}: layers {deep} add DeepStack image features, which "
+                                 "start_at_layer cannot recompute; start after the last of them or run the full forward")
+            x, rotary, mask, inject = self._resume_inputs(input_ids, tokens, attention_mask, position_ids, **image_inputs)
+        layers = self._layer_range(start_at_layer, stop_at_layer)
+        for l, block in zip(range(len(self.blocks))[layers], self.blocks[layers]):
+            x = block(x, rotary, mask, inject=inject.get(l))
         if stop_at_layer is not None:
             return x
         return self._output(x, tokens, attention_mask, return_type, loss_per_token, logits_to_keep)
@@ -105,10 +115,12 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         position_ids: Tensor | None = None,
         **image_inputs: Any,
-    ) -> tuple[Float[Tensor, "batch pos d_model"], tuple[Tensor, Tensor], Tensor | None]:
+    ) -> tuple[Float[Tensor, "batch pos d_model"], tuple[Tensor, Tensor], Tensor | None, dict[int, Tensor]]:
         """Everything before the decoder blocks: the residual stream's input (token embeddings with the image
-        features placed, `hook_embed`), the rotary (cos, sin) and the additive attention mask (None when
-        nothing is padded). `forward` = prepare -> blocks -> ln_final -> unembed; `hooked_vlm.resume` reuses it."""
+        features placed, `hook_embed`), the rotary (cos, sin), the additive attention mask (None when
+        nothing is padded) and the per-layer additions {layer: [batch, pos, d_model]} that blocks add after
+        their MLP (`inject`; Qwen3-VL DeepStack, empty for other families). `forward` = prepare -> blocks(...,
+        inject=inject.get(l)) -> ln_final -> unembed; `hooked_vlm.resume` reuses it."""
         if self._bound:  # inputs bound with `bind_inputs`, for tools that pass tokens only
             attention_mask = self._bound.get("attention_mask") if attention_mask is None else attention_mask
             position_ids = self._bound.get("position_ids") if position_ids is None else position_ids
@@ -120,8 +132,12 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
             image_inputs = dict(image_inputs, pixel_values=image_inputs["pixel_values"].to(input_ids.device))
         x = self.hook_token_embed(self.embed(input_ids))
         image_mask = input_ids == self.cfg.image_token_id
+        inject: dict[int, Tensor] = {}
         if image_inputs.get("pixel_values") is not None:
             feats = self.family.image_features(self, input_ids, **image_inputs)
+            if isinstance(feats, tuple):  # (features, {decoder layer: features added after that layer's MLP})
+                feats, extra = feats
+                inject = {l: merge_image_features(torch.zeros_like(x), image_mask, f) for l, f in extra.items()}
             x = merge_image_features(x, image_mask, feats)
         elif image_mask.any():
             raise ValueError(f"the text has {int(image_mask.sum())} image tokens but no pixel_values were given")
@@ -133,7 +149,7 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
         if position_ids is None:
             position_ids = self.family.position_ids(self, input_ids, attention_mask, **image_inputs)
         rotary = self.rotary(position_ids.to(input_ids.device), x.dtype)
-        return x, rotary, causal_padding_mask(attention_mask, x.dtype)
+        return x, rotary, causal_padding_mask(attention_mask, x.dtype), inject
 
     def _check_kwargs(self, input_ids: Tensor | None, image_inputs: dict[str, Any]) -> None:
         unknown = sorted(set(image_inputs) - self._accepted)

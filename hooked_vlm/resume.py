@@ -34,6 +34,7 @@ class SavedRun:
     rotary: tuple[Tensor, Tensor]  # cos, sin [B, S, d_head]
     mask: Tensor | None  # additive [B, 1, S, S], None when nothing is padded
     logits: Tensor  # [B, S, d_vocab]
+    inject: dict[int, Tensor] | None = None  # per block: additions after its MLP (Qwen3-VL DeepStack) [B, S, d_model]
 
     @property
     def batch(self) -> int:
@@ -48,22 +49,22 @@ class SavedRun:
 def capture(model: Any, inputs: dict[str, Any]) -> SavedRun:
     """Run `model` (a HookedVLM) on `inputs` once, keeping what `resume` needs. Hooks already on the model run
     as usual (the saved state includes their effect)."""
-    x, rotary, mask = model.prepare(**inputs)
+    x, rotary, mask, inject = model.prepare(**inputs)
     resid, keys, values = [], [], []
-    for block in model.blocks:
+    for l, block in enumerate(model.blocks):
         resid.append(x)
         store = {}
         handles = [block.attn.hook_rot_k.register_forward_hook(lambda m, i, o: store.__setitem__("k", o)),
                    block.attn.hook_v.register_forward_hook(lambda m, i, o: store.__setitem__("v", o))]
         try:
-            x = block(x, rotary, mask)
+            x = block(x, rotary, mask, inject=inject.get(l))
         finally:
             for h in handles:
                 h.remove()
         keys.append(store["k"])
         values.append(store["v"])
     logits = model.unembed(model.ln_final(x.to(model.unembed.weight.device)))
-    return SavedRun(resid, keys, values, rotary, mask, logits)
+    return SavedRun(resid, keys, values, rotary, mask, logits, inject)
 
 
 def _repeat(t: Tensor, n: int) -> Tensor:
@@ -83,7 +84,8 @@ def resume(model: Any, saved: SavedRun, layer: int, pos: int, n: int = 1) -> Flo
     mask = None if saved.mask is None else _repeat(saved.mask[:, :, pos:], n)
     for i in range(layer, n_layers):
         past = (_repeat(saved.keys[i][:, :pos], n), _repeat(saved.values[i][:, :pos], n)) if pos else None
-        x = model.blocks[i](x, rotary, mask, past)
+        add = (saved.inject or {}).get(i)
+        x = model.blocks[i](x, rotary, mask, past, inject=None if add is None else _repeat(add[:, pos:], n))
     tail = model.unembed(model.ln_final(x.to(model.unembed.weight.device)))
     if pos == 0:
         return tail

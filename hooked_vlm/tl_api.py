@@ -22,6 +22,7 @@ from transformer_lens.utilities import Slice
 from transformer_lens.utilities import remove_batch_dim as drop_batch_dim
 
 from . import cache_guard
+from .cache import HookedVLMCache
 from .tl_tokens import TokenAPI
 
 RETURN_TYPES = ("logits", "loss", "both", None)
@@ -120,8 +121,8 @@ class TransformerLensAPI(TokenAPI):
     def _resume_inputs(
         self, residual: Any, tokens: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
         **image_inputs: Any,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]:
-        """(x, rotary, mask) for `forward(residual, start_at_layer=l, ...)`. The images are not recomputed (they
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None, dict[int, Tensor]]:
+        """(x, rotary, mask, no DeepStack additions) for `forward(residual, start_at_layer=l, ...)`. The images are not recomputed (they
         are in the residual already); positions come from `position_ids`, or from `tokens` and the image inputs
         (Qwen's M-RoPE needs tokens + image_grid_thw + mm_token_type_ids), or are 0..pos-1 for 1-D RoPE."""
         from .model import causal_padding_mask
@@ -156,7 +157,7 @@ class TransformerLensAPI(TokenAPI):
                                  "tokens=input_ids with the image inputs (image_grid_thw, mm_token_type_ids), or "
                                  "position_ids=model.layout(inputs).position_ids")
         rotary = self.rotary(position_ids.to(device), x.dtype)
-        return x, rotary, causal_padding_mask(attention_mask, x.dtype)
+        return x, rotary, causal_padding_mask(attention_mask, x.dtype), {}
 
     def _output(self, x: Tensor, tokens: Tensor | None, attention_mask: Tensor | None, return_type: str | None,
                 loss_per_token: bool, logits_to_keep: Any) -> Any:
@@ -266,7 +267,7 @@ class TransformerLensAPI(TokenAPI):
                 out.backward()
         if not return_cache_object:
             return out, cache
-        return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+        return out, HookedVLMCache(cache, self, has_batch_dim=not remove_batch_dim)
 
     def _names_filter(self, names_filter: Any) -> Callable[[str], bool]:
         """TL's names_filter forms as a function; names given as a str or list must be hook names."""

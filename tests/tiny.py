@@ -255,3 +255,49 @@ def bf16_errors(hf, inputs, processor=None, real=None):
         ours = model(**bf)
     sel = (lambda t: t[real]) if real is not None else (lambda t: t)
     return sel(ours.float() - ref32).abs().max(), sel(hf16 - ref32).abs().max(), model, ours
+
+
+# --------------------------------------------------------------------------------------------------- Qwen3-VL
+def tiny_qwen3_vl(seed: int = 0, vocab: int = 64, deepstack=(0, 2), tie: bool = False):
+    """Qwen3-VL sized like tiny_qwen_vl (same token ids, 4 px patches, 2x2 merge, so `qwen_inputs` feeds it): vision
+    width 32, depth 3, 4 heads, GELU(tanh) MLP 48, a 4x4 learned position table (resampled to every grid),
+    DeepStack from vision blocks `deepstack` into decoder layers 0.. ; decoder hidden 64, 4 heads of head_dim 16 (2 kv
+    heads), 3 layers, qk-norm, interleaved M-RoPE with mrope_section [2, 3, 3] (d_head / 2 = 8 frequencies: t h w t h
+    w t h), attention biases on."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512, pad_token_id=0, attention_bias=True,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3], mrope_interleaved=True))
+    vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3, num_position_embeddings=16,
+                  deepstack_visual_indexes=list(deepstack), hidden_act="gelu_pytorch_tanh")
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
+                        vision_start_token_id=QWEN_VSTART, vision_end_token_id=QWEN_VEND, tie_word_embeddings=tie)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return redraw(Qwen3VLForConditionalGeneration(cfg), seed=seed)
+
+
+def qwen3_processor():
+    """The real Qwen3VLProcessor (image part: the PIL Qwen2-VL image processor of `qwen_image_processor`; the video
+    processor needs torchvision, so it is left out) with a word-level tokenizer for vocab 64: pad "<pad>" (0), unk
+    (1), words "w2".."w59", and Qwen's <|image_pad|> / <|video_pad|> / <|vision_start|> / <|vision_end|> at
+    QWEN_IMAGE / QWEN_VIDEO / QWEN_VSTART / QWEN_VEND. Pads on the left; returns mm_token_type_ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3VLProcessor
+
+    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+    special = {0: "<pad>", 1: "<unk>", QWEN_IMAGE: "<|image_pad|>", QWEN_VIDEO: "<|video_pad|>",
+               QWEN_VSTART: "<|vision_start|>", QWEN_VEND: "<|vision_end|>"}
+    tok = Tokenizer(models.WordLevel(vocab={special.get(i, f"w{i}"): i for i in range(64)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+    return ImageOnlyQwen3VLProcessor(image_processor=qwen_image_processor(), tokenizer=fast)

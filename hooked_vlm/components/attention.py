@@ -84,6 +84,8 @@ class Attention(nn.Module):
         rotary: bool,
         rotary_in_float32: bool = False,
         window: int | None = None,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
     ):
         super().__init__()
         if n_heads % n_kv_heads:
@@ -98,6 +100,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=o_bias)
+        # qk-norm (Qwen3-VL): a norm over d_head applied to every query / key head after hook_q / hook_k and before
+        # rotary (TransformerLens' order); its hooks are attn.q_norm.hook_scale / hook_normalized [batch, pos, head, *]
+        if q_norm is not None:
+            self.q_norm = q_norm
+        if k_norm is not None:
+            self.k_norm = k_norm
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
@@ -176,6 +184,10 @@ class Attention(nn.Module):
         q = self.hook_q(self.q_proj(x).view(b, p, self.n_heads, self.d_head))
         k = self.hook_k(self.k_proj(x).view(b, p, self.n_kv_heads, self.d_head))
         v = self.hook_v(self.v_proj(x).view(b, p, self.n_kv_heads, self.d_head))
+        if hasattr(self, "q_norm"):
+            q = self.q_norm(q)
+        if hasattr(self, "k_norm"):
+            k = self.k_norm(k)
         if rotary is not None:
             cos, sin = rotary
             if self.rotary_in_float32:

@@ -1,5 +1,7 @@
 """Pre-norm transformer block with the TransformerLens residual hook vocabulary:
-resid_pre -> ln1 -> attn -> hook_attn_out -> resid_mid -> ln2 -> mlp -> hook_mlp_out -> resid_post."""
+resid_pre -> ln1 -> attn -> hook_attn_out -> resid_mid -> ln2 -> mlp -> hook_mlp_out -> resid_post.
+A block built with `deepstack=True` also adds `inject` (a [batch, pos, d_model] addition from outside, Qwen3-VL's
+DeepStack image features) through `hook_deepstack` before `hook_resid_post`, so resid_post(l) = resid_pre(l + 1)."""
 from __future__ import annotations
 
 from jaxtyping import Float
@@ -10,9 +12,11 @@ from .attention import Segments
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, ln1: nn.Module, attn: nn.Module, ln2: nn.Module, mlp: nn.Module):
+    def __init__(self, ln1: nn.Module, attn: nn.Module, ln2: nn.Module, mlp: nn.Module, deepstack: bool = False):
         super().__init__()
         self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
+        if deepstack:
+            self.hook_deepstack = HookPoint()  # the addition after the MLP [batch, pos, d_model] (0 off image tokens)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
@@ -21,7 +25,7 @@ class TransformerBlock(nn.Module):
 
     def forward(
         self, x: Float[Tensor, "batch pos d_model"], rotary: tuple[Tensor, Tensor] | None = None, mask: "Tensor | Segments | None" = None,
-        past: tuple[Tensor, Tensor] | None = None,
+        past: tuple[Tensor, Tensor] | None = None, inject: Tensor | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """`past`: (rotated keys, values) of earlier positions that `x` continues (see `Attention.forward`).
         Inputs on another device than this block's weights (a model split with `device_map`) are moved here."""
@@ -33,4 +37,9 @@ class TransformerBlock(nn.Module):
             past = None if past is None else (past[0].to(dev), past[1].to(dev))
         x = self.hook_resid_pre(x)
         x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x), rotary, mask, past)))
-        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
+        x = x + self.hook_mlp_out(self.mlp(self.ln2(x)))
+        if inject is not None:
+            if not hasattr(self, "hook_deepstack"):
+                raise ValueError("this block was built without deepstack=True: it takes no `inject`")
+            x = x + self.hook_deepstack(inject.to(x.device, x.dtype))
+        return self.hook_resid_post(x)

@@ -11,6 +11,10 @@ Rope types (HF `rope_parameters["rope_type"]`): the static ones (default, linear
 "longrope" switches to its long factors beyond `original_max_position_embeddings`. We do both per call, from the
 positions of that call; HF keeps the grown frequencies as state until a short input resets them, so its result
 for an input can depend on the inputs before it (ours does not; on a fresh HF model the two agree).
+
+Interleaved M-RoPE (Qwen3-VL, `interleaved=True`): frequency j takes its angle from height if j % 3 == 1 and
+j < 3 * mrope_section[1], from width if j % 3 == 2 and j < 3 * mrope_section[2], else from the temporal axis
+(HF's Qwen3-VL `recomposition_frequencies`), so every axis spans low and high frequencies.
 """
 from __future__ import annotations
 
@@ -41,11 +45,22 @@ class RotaryEmbedding(nn.Module):
     """
 
     def __init__(self, d_head: int, theta: float, mrope_section: list[int] | None = None, attention_scaling: float = 1.0,
-                 scaling: dict[str, Any] | None = None):
+                 scaling: dict[str, Any] | None = None, interleaved: bool = False):
         super().__init__()
         self.register_buffer("inv_freq", 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.float) / d_head)))
         self.mrope_section = list(mrope_section) if mrope_section else None
         self.attention_scaling = attention_scaling
+        # interleaved M-RoPE: the axis (0 t, 1 h, 2 w) of every frequency, resolved here once
+        self.mrope_axes: list[int] | None = None
+        if interleaved:
+            if self.mrope_section is None or len(self.mrope_section) != 3:
+                raise ValueError(f"interleaved M-RoPE needs a 3-part mrope_section, got {mrope_section}")
+            half = d_head // 2
+            axes = [0] * half
+            for axis in (1, 2):
+                for j in range(axis, min(3 * self.mrope_section[axis], half), 3):
+                    axes[j] = axis
+            self.mrope_axes = axes
         self.d_head, self.theta, self.scaling = d_head, theta, dict(scaling or {})
         if self.scaling and self.mrope_section:
             raise ValueError(f"rope type {self.scaling.get('rope_type')!r} is not supported with M-RoPE")
@@ -79,7 +94,11 @@ class RotaryEmbedding(nn.Module):
         if self.mrope_section is not None:
             if position_ids.ndim != 3 or position_ids.shape[0] != 3:
                 raise ValueError(f"M-RoPE needs position_ids of shape [3, batch, pos]; got {tuple(position_ids.shape)}")
-            freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(self.mrope_section, dim=-1))], dim=-1)
+            if self.mrope_axes is not None:
+                axes = torch.tensor(self.mrope_axes, device=freqs.device).expand(1, *freqs.shape[1:])
+                freqs = freqs.gather(0, axes)[0]
+            else:
+                freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(self.mrope_section, dim=-1))], dim=-1)
         elif position_ids.ndim != 2:
             raise ValueError(f"1-D RoPE needs position_ids of shape [batch, pos]; got {tuple(position_ids.shape)}")
         emb = torch.cat((freqs, freqs), dim=-1)

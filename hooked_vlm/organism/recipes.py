@@ -10,6 +10,10 @@ family     image block in the token sequence      vision tower
 llava      ``<image>`` x 16                       SigLIP d64, 2 layers, 16 px patches
 qwen2_vl   ``<|vision_start|> <image> x 16        Qwen2-VL ViT d64, 2 layers, 8 px patches
            <|vision_end|>``                       merged 2x2 (M-RoPE positions in the decoder)
+qwen3_vl   as qwen2_vl                            Qwen3-VL ViT d64, 2 layers, 8 px patches, a 4x4
+                                                  learned position table resampled to the 8x8
+                                                  grid, merged 2x2; DeepStack from block 0 into
+                                                  decoder layer 0; qk-norm, interleaved M-RoPE
 =========  =====================================  ============================================
 """
 from __future__ import annotations
@@ -88,6 +92,22 @@ def _qwen2_vl_config(init_range: float):
     return cfg
 
 
+def _qwen3_vl_config(init_range: float):
+    from transformers import Qwen3VLConfig
+
+    # Qwen2-VL's organism sizes; Qwen3-VL's text config has no bos / eos / tie fields (the top config ties)
+    text = {k: v for k, v in TEXT.items() if k not in ("tie_word_embeddings", "bos_token_id", "eos_token_id")}
+    text.update(vocab_size=len(QWEN_VOCAB), head_dim=16, initializer_range=init_range,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3], mrope_interleaved=True))
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, in_channels=3, patch_size=QWEN_PATCH,
+                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0], initializer_range=init_range)
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=PAD,
+                        vision_start_token_id=VSTART_ID, vision_end_token_id=VEND_ID, tie_word_embeddings=False)
+    cfg.initializer_range = init_range
+    return cfg
+
+
 RECIPES: dict[str, Recipe] = {
     "llava": Recipe(
         family="llava", hf_class="LlavaForConditionalGeneration",
@@ -101,6 +121,15 @@ RECIPES: dict[str, Recipe] = {
         description={"vision": "Qwen2-VL ViT d64, 2 layers, 4 heads, patch 8, 2x2 merge",
                      "text": "Qwen2-VL d64, 4 layers, 4 heads (2 kv), untied, M-RoPE sections (2, 3, 3)"},
         image_block=(VSTART_ID,) + (IMAGE,) * S.NUM_IMAGE_TOKENS + (VEND_ID,), build_config=_qwen2_vl_config,
+        build_processor=build_qwen_processor, image_inputs=qwen_pixel_values, mm_token_type_ids=True,
+    ),
+    "qwen3_vl": Recipe(
+        family="qwen3_vl", hf_class="Qwen3VLForConditionalGeneration",
+        description={"vision": "Qwen3-VL ViT d64, 2 layers, 4 heads, patch 8, 4x4 position table, 2x2 merge, "
+                               "DeepStack from block 0",
+                     "text": "Qwen3-VL d64, 4 layers, 4 heads (2 kv), qk-norm, untied, interleaved M-RoPE (2, 3, 3), "
+                             "DeepStack into layer 0"},
+        image_block=(VSTART_ID,) + (IMAGE,) * S.NUM_IMAGE_TOKENS + (VEND_ID,), build_config=_qwen3_vl_config,
         build_processor=build_qwen_processor, image_inputs=qwen_pixel_values, mm_token_type_ids=True,
     ),
 }

@@ -357,7 +357,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--objects", type=int, default=2, choices=S.N_OBJECTS,
                    help="objects per scene (3 needs --layout random)")
     p.add_argument("--family", default="llava", choices=sorted(RECIPES),
-                   help="model family: llava (SigLIP, 1-D RoPE) or qwen2_vl (Qwen ViT + merger, M-RoPE)")
+                   help="model family: llava (SigLIP, 1-D RoPE), qwen2_vl (Qwen ViT + merger, M-RoPE) or qwen3_vl "
+                        "(Qwen3 ViT, DeepStack, qk-norm, interleaved M-RoPE)")
     args = p.parse_args(argv)
     if args.stop_after is not None and args.stop_after > args.steps:
         p.error(f"argument --stop-after: expected at most --steps ({args.steps}), got {args.stop_after}")

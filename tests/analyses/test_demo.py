@@ -1,4 +1,4 @@
-"""`hooked-vlm demo` end to end on two shipped organisms (small n): the report is written and its headline numbers
+"""`hooked-vlm demo` end to end on three shipped organisms (small n): the report is written and its headline numbers
 hold (accuracy, the shape-swap flip, the position-swap keep, planted heads found by the circuit-recovery section)."""
 import json
 
@@ -7,7 +7,7 @@ import pytest
 from analyses.demo import run_demo
 
 
-@pytest.mark.parametrize("organism", ["shapes_llava", "shapes_qwen2_vl"])
+@pytest.mark.parametrize("organism", ["shapes_llava", "shapes_qwen2_vl", "shapes_qwen3_vl"])
 def test_demo_runs_and_reports(organism, tmp_path):
     summary = run_demo(model_path=organism, out_dir=str(tmp_path), n=32, seed=0)
     html = (tmp_path / "index.html").read_text()

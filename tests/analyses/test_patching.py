@@ -313,7 +313,7 @@ def test_organism_image_counterfactual(organism):
     assert top == [2 * n_heads + 0, 1 * n_heads + 0]
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])
 def test_reuse_prefix_equals_full_reruns(setup, family):
     """Every decoder hook kind, with alpha interpolation and per-head / per-position sites: resuming from the saved
     target run (reuse_prefix=True) gives the full forwards' values; the vision tower then runs only for the
@@ -321,9 +321,9 @@ def test_reuse_prefix_equals_full_reruns(setup, family):
     if family == "llava":
         model, clean, _, corrupt, metric = setup
     else:
-        from tiny import qwen_inputs, tiny_qwen_vl
+        from tiny import qwen_inputs, tiny_qwen3_vl, tiny_qwen_vl
 
-        model = HookedVLM.from_hf(tiny_qwen_vl())
+        model = HookedVLM.from_hf(tiny_qwen3_vl() if family == "qwen3_vl" else tiny_qwen_vl())  # qwen3_vl: DeepStack
         clean = qwen_inputs([[(16, 16)], [(16, 8)]], seed=0)
         corrupt = dict(clean, pixel_values=qwen_inputs([[(16, 16)], [(16, 8)]], seed=1)["pixel_values"])
         metric = LogitDiff(torch.tensor([3, 4]), torch.tensor([5, 6]), clean["attention_mask"])
@@ -335,6 +335,8 @@ def test_reuse_prefix_equals_full_reruns(setup, family):
              ("blocks.0.attn.hook_v", [n - 6]), ("blocks.1.attn.hook_z", [n - 1], [0, 2]),
              ("blocks.1.attn.hook_result", [n - 2], 3), ("blocks.1.attn.hook_pattern", [n - 1], 1),
              ("blocks.0.attn.hook_attn_scores", [n - 3]), ("projector.hook_out", None)]
+    if family == "qwen3_vl":  # the DeepStack addition at an image position of block 1 (resume must carry block 0's)
+        sites.append(("blocks.1.hook_deepstack", [int((clean["input_ids"][0] == model.cfg.image_token_id).nonzero()[2])]))
     calls = []
     handle = model.vision.register_forward_hook(lambda *a: calls.append(1))
     try:
@@ -349,8 +351,8 @@ def test_reuse_prefix_equals_full_reruns(setup, family):
             moved = ((slow.scores - slow.corrupt[None]).abs().amax(-1) > 1e-4).sum()
             assert moved >= len(sites) - 2, "the sites should matter, or the comparison proves little"
             # source baseline (1) + source cache (1) + saved target run (1, also the target baseline) + the one
-            # projector chunk; without reuse: 2 baselines + the cache + 4 chunks of 3 sites
-            assert n_fast == 4 and len(calls) - n_fast == 3 + 4
+            # projector chunk; without reuse: 2 baselines + the cache + one chunk per 3 sites
+            assert n_fast == 4 and len(calls) - n_fast == 3 + -(-len(sites) // 3)
     finally:
         handle.remove()
     assert no_hooks_left(model)

@@ -136,7 +136,7 @@ def test_onevision_parity_property_exhaustive(case):
     check_onevision(case)
 
 
-# -------------------------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
+# --------------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL / Qwen3-VL
 MROPE = {8: [1, 1, 2], 16: [2, 3, 3]}
 QWEN_SIZES = st.tuples(st.sampled_from([8, 16, 24, 32]), st.sampled_from([8, 16, 24, 32]))
 
@@ -166,6 +166,14 @@ def check_qwen(case):
 
         vision = dict(depth=case["depth"], embed_dim=case["vwidth"], hidden_size=hidden, mlp_ratio=2, **patches)
         cfg, cls = Qwen2VLConfig(text_config=text, vision_config=vision, **ids), Qwen2VLForConditionalGeneration
+    elif case["kind"] == "qwen3_vl":  # `fullatt` serves as the DeepStack block indexes; position table 3x3 or 4x4
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        text.update(head_dim=d["d_head"], attention_bias=bool(d["seed"] % 2))
+        levels = sorted(i for i in case["fullatt"] if i < case["depth"])[: d["n_layers"]]
+        vision = dict(depth=case["depth"], hidden_size=case["vwidth"], intermediate_size=24, out_hidden_size=hidden,
+                      num_position_embeddings=9 if case["depth"] % 2 else 16, deepstack_visual_indexes=levels, **patches)
+        cfg, cls = Qwen3VLConfig(text_config=text, vision_config=vision, **ids), Qwen3VLForConditionalGeneration
     else:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -193,8 +201,14 @@ def test_qwen2_5_vl_parity_property(case):
     check_qwen(case)
 
 
+@FAST
+@given(qwen_case("qwen3_vl"))
+def test_qwen3_vl_parity_property(case):
+    check_qwen(case)
+
+
 @pytest.mark.slow
 @SLOW
-@given(st.sampled_from(["qwen2_vl", "qwen2_5_vl"]).flatmap(qwen_case))
+@given(st.sampled_from(["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]).flatmap(qwen_case))
 def test_qwen_parity_property_exhaustive(case):
     check_qwen(case)

@@ -1,7 +1,8 @@
 """TransformerLens cache methods are exact on every family, image positions included."""
 import pytest
 import torch
-from tiny import llava_inputs, onevision_processor, qwen_inputs, random_image, tiny_llava, tiny_llava_onevision, tiny_qwen_vl
+from tiny import (llava_inputs, onevision_processor, qwen_inputs, random_image, tiny_llava, tiny_llava_onevision, tiny_qwen3_vl,
+                  tiny_qwen_vl)
 from transformer_lens.model_protocol import TransformerLensModel
 
 from hooked_vlm import HookedVLM
@@ -19,15 +20,22 @@ def _onevision():
     return HookedVLM.from_hf(hf, proc), inputs
 
 
+def tiny_qwen(kind):
+    return tiny_qwen3_vl() if kind == "qwen3_vl" else tiny_qwen_vl(kind)
+
+
 def _qwen(kind):
     def build():
-        return HookedVLM.from_hf(tiny_qwen_vl(kind)), qwen_inputs([[(16, 24)], [(8, 8)]])
+        return HookedVLM.from_hf(tiny_qwen(kind)), qwen_inputs([[(16, 24)], [(8, 8)]])
     return build
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_onevision", *QWEN])
 def family(request):
-    build = {"llava": _llava, "llava_onevision": _onevision, "qwen2_vl": _qwen("qwen2_vl"), "qwen2_5_vl": _qwen("qwen2_5_vl")}
+    build = {"llava": _llava, "llava_onevision": _onevision, **{kind: _qwen(kind) for kind in QWEN}}
     model, inputs = build[request.param]()
     assert model.cfg.family == request.param
     logits, cache = model.run_with_cache(**inputs)
@@ -80,7 +88,7 @@ def test_tl_patching_helper_equals_our_sweep(family):
     torch.testing.assert_close(tl.float(), ours.scores, rtol=0, atol=1e-5)
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["llava", "llava_onevision", *QWEN])
 def one_prompt(request):
     """Batch-1 inputs (head_detector runs one unpadded prompt) and a model with a tokenizer."""
     from tiny import QWEN_IMAGE, word_tokenizer
@@ -92,7 +100,7 @@ def one_prompt(request):
     if request.param == "llava_onevision":
         model, inputs = _onevision()
         return model, inputs
-    model = HookedVLM.from_hf(tiny_qwen_vl(request.param), word_tokenizer(64, QWEN_IMAGE))
+    model = HookedVLM.from_hf(tiny_qwen(request.param), word_tokenizer(64, QWEN_IMAGE))
     return model, qwen_inputs([[(16, 24)]])
 
 
