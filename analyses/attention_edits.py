@@ -23,22 +23,17 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._hooks import as_position_mask, check_hook, hook_template, resolve_layers
+from .toolkit import as_positions, check_hook, hook_template, resolve_layers, tile
 
 Hooks = list[tuple[str, Callable]]
 
 
 def _mask(mask: Any, n_pos: int) -> Tensor | None:
-    m = as_position_mask(mask, n_pos)
+    m = as_positions(mask, n_pos)
     return None if m is None else (m[None] if m.ndim == 1 else m)
 
 
-def _tile(m: Tensor, b: int) -> Tensor:
-    if m.shape[0] == b:
-        return m
-    if b % m.shape[0]:
-        raise ValueError(f"a position mask for batch {m.shape[0]} does not fit a run of batch {b}")
-    return m.repeat(b // m.shape[0], 1)
+_tile = tile
 
 
 def _heads(heads: Any) -> list[int] | None:

@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._hooks import HEAD_FIRST, HEAD_THIRD, as_float, check_hook, frozen_parameters, hook_template, resolve_layers
+from .toolkit.hooks import HEAD_FIRST, HEAD_THIRD, check_hook, frozen_parameters, hook_template, resolve_layers
+from .toolkit.metric import as_float
 from .patching import DIRECTIONS
 
 Metric = Callable[[Tensor], Tensor]

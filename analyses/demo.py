@@ -16,7 +16,7 @@ from hooked_vlm import HookedVLM
 from hooked_vlm.organism import ORGANISM_DIR, ShapesGenerator, load_organism, organism_dir
 
 from . import attribution, binding, ground_truth, heads, narrow_gate, patching, plots, spatial
-from ._progress import progress_bar
+from .toolkit import progress_bar
 from .metrics import LogitDiff
 from .report import Report
 from .tasks import Batch, encode, predictions

@@ -70,8 +70,9 @@ from torch import Tensor
 
 from hooked_vlm.vision.vit import ViTTower, hidden_state_index
 
-from ._progress import progress_bar
-from ._hooks import as_float, frozen_parameters
+from .toolkit import progress_bar
+from .toolkit.hooks import frozen_parameters
+from .toolkit.metric import as_float
 
 Metric = Callable[[Tensor], Tensor]
 Edge = tuple[str, str]

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ._hooks import as_position_mask, hook_template, resolve_layers
+from .toolkit import as_positions, hook_template, resolve_layers
 
 
 @torch.no_grad()
@@ -43,7 +43,7 @@ def decode(model: Any, resid: Tensor) -> Tensor:
 def _select(values: Tensor, positions: Any) -> Tensor:
     if positions is None:
         return values
-    mask = as_position_mask(positions, values.shape[2])
+    mask = as_positions(positions, values.shape[2])
     if mask.ndim == 2:  # [batch, pos]: keep all positions, NaN elsewhere (prompts may differ)
         return values.masked_fill(~mask.to(values.device)[None, :, :, None], float("nan"))
     return values[:, :, mask.to(values.device)]

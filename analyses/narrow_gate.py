@@ -29,8 +29,8 @@ from torch import Tensor
 
 from hooked_vlm.batching import repeat_inputs
 
-from ._progress import progress_bar
-from ._hooks import as_float, hook_template, metric_per_slot, resolve_layers
+from .toolkit import hook_template, progress_bar, resolve_layers
+from .toolkit.metric import as_float, metric_per_slot
 from .metrics import final_logits
 
 Metric = Callable[[Tensor], Tensor]

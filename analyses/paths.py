@@ -45,8 +45,10 @@ from torch import Tensor
 
 from hooked_vlm.batching import repeat_inputs
 
-from ._progress import progress_bar
-from ._hooks import as_float, as_position_mask, metric_per_slot, repeat_axis
+from .toolkit import progress_bar
+from .toolkit.hooks import repeat_axis
+from .toolkit.metric import as_float, metric_per_slot
+from .toolkit.positions import as_positions
 from .patching import PatchResult
 
 Metric = Callable[[Tensor], Tensor]
@@ -164,7 +166,7 @@ def _as_receivers(model: Any, receivers: Any) -> list[tuple[int, str, int]] | st
 
 
 def _pos_mask(positions: Any, b: int, p: int) -> Tensor | None:
-    m = as_position_mask(positions, p)
+    m = as_positions(positions, p, b)
     if m is None:
         return None
     m = m[None].expand(b, -1) if m.ndim == 1 else m

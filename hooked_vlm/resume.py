@@ -4,7 +4,7 @@ A decoder is causal and layered, so an edit at block `l`, positions >= `p0` cann
 layers, nor at earlier positions of any layer. `capture` runs the model once and keeps, for every block, its
 input residual stream and its (rotated) keys and values; `resume` then runs blocks `l..` on positions `p0..`
 only, attending to the saved keys/values of positions `< p0`, for `n` copies of the batch at once (the layout of
-`batching.repeat_inputs`, so `analyses._hooks.slot_patch_hooks` can give each copy its own patch). Logits at
+`batching.repeat_inputs`, so the analyses' sweep engine (`analyses.toolkit.sweep`) can give each copy its own patch). Logits at
 positions `< p0` are the saved ones.
 
 Hooks registered on the model fire during `resume` as in a forward, but they see positions `p0..` only (and

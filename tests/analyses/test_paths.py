@@ -51,7 +51,7 @@ def test_last_layer_to_logits_is_activation_patching(setup):
     heads = [[(last, h)] for h in range(4)] + [[(last, h) for h in range(4)]]
     ours = path_patch(model, clean, cf, metric, heads, "logits", freeze_mlps=False, per_prompt=True, progress=False)
     sites = [(f"blocks.{last}.attn.hook_z", None, [h]) for h in range(4)] + [(f"blocks.{last}.attn.hook_z", None, None)]
-    act = patch_sweep(model, clean, cf, metric, sites, direction="noise", per_prompt=True, progress=False)
+    act = patch_sweep(model, clean, cf, metric, sites=sites, direction="noise", per_prompt=True, progress=False)
     torch.testing.assert_close(ours.scores, act.scores, **TOL)
     assert ours.effect().abs().max() > 1e-3
 
@@ -145,7 +145,7 @@ def test_last_mlp_to_logits_is_activation_patching(setup):
     last = model.cfg.n_layers - 1
     ours = path_patch(model, clean, cf, metric, [f"MLP{last}"], "logits", freeze_mlps=False, per_prompt=True,
                       progress=False)
-    act = patch_sweep(model, clean, cf, metric, [f"blocks.{last}.hook_mlp_out"], direction="noise", per_prompt=True,
+    act = patch_sweep(model, clean, cf, metric, sites=[f"blocks.{last}.hook_mlp_out"], direction="noise", per_prompt=True,
                       progress=False)
     torch.testing.assert_close(ours.scores, act.scores, **TOL)
     assert ours.effect().abs().max() > 1e-4

@@ -126,10 +126,10 @@ def test_position_sets_outside_sequence(qwen):
         lay._one_per_row(torch.tensor([0, 99]))
     with pytest.raises(ValueError, match="asked for 1000 random image tokens"):
         lay.random_image_tokens(1000)
-    from analyses._hooks import as_position_mask
+    from analyses.toolkit import as_positions
 
     with pytest.raises(ValueError, match="outside a sequence of length 5"):
-        as_position_mask([7], 5)
+        as_positions([7], 5)
 
 
 def _metric(logits):
