@@ -5,7 +5,8 @@ Each builder returns a list of ``(hook name, fn)``; concatenate lists to combine
 
 * `reweight_hooks`: multiply the post-softmax attention from a query set to a key set by `factor`
   (``hook_pattern``). Without renormalisation the other weights keep their values (factor 0 is exactly
-  `narrow_gate.knockout_hooks`); with ``renormalize=True`` every edited query row is divided by its new sum.
+  `narrow_gate.knockout_hooks`); with ``renormalize=True`` every edited query row is divided by its new sum
+  (the one meaning of `renormalize` in every analysis: the edited rows sum to 1 again).
 * `temperature_hooks`: divide the attention scores by `temperature` before the softmax (``hook_attn_scores``);
   masked entries (causal / padding, at the dtype's minimum) are left alone, so they stay masked.
 * `steering_hooks` / `steer`: add ``alpha * vector`` to any hook's activation at chosen positions.

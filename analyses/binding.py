@@ -28,8 +28,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from analyses.heads import run_cached, transplant, word_positions
-from analyses.metrics import final_logits
+from .metrics import final_logits
+from .toolkit import run_cached, transplant, word_positions
 from hooked_vlm.components.rotary import apply_rotary
 
 Metric = Callable[[Tensor], Tensor]

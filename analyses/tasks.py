@@ -1,13 +1,20 @@
-"""Glue between the Shapes generator and the analyses: samples -> model inputs, answer ids and metrics."""
+"""The Shapes task (the organism's synthetic scenes), in one module: samples -> model inputs, answer ids and
+metrics, and the Shapes-specific position sets. Paper modules never import it; it sits beside the demo."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
 
+from jaxtyping import Bool
+
 from .metrics import Accuracy, LogitDiff
+from .toolkit import word_positions
+
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
 
 
 @dataclass
@@ -57,3 +64,21 @@ def predictions(model: Any, batch: Batch, chunk: int = 256) -> Tensor:
         part = batch.inputs if n <= chunk else slice_prompts(batch.inputs, i, min(i + chunk, n), images)
         out.append(final_logits(model(**part), part.get("attention_mask")).argmax(-1))
     return torch.cat(out)
+
+
+def shapes_described_positions(model: "HookedVLM", inputs: dict[str, Any], samples: Sequence[Any]) -> Bool[Tensor, "batch pos"]:
+    """Tokens that describe the object a Shapes prompt asks about (ID-retrieval heads patch here): the colour and
+    shape words of the described object for "scene" prompts, the shape word (both mentions) for shape queries,
+    the question's colour word for colour_item (its last mention; the first is in the context)."""
+    ids = inputs["input_ids"]
+    rows = []
+    for bi, s in enumerate(samples):
+        sc, t = s.scene, s.target
+        if s.query == "scene":
+            words, occurrence = [sc.colours[1 - t], sc.shapes[1 - t]], None
+        elif s.query in ("shape_item", "shape_colour"):
+            words, occurrence = [sc.shapes[t]], None
+        else:
+            words, occurrence = [sc.colours[t]], -1
+        rows.append(word_positions(model, ids[bi:bi + 1], [words], occurrence))
+    return torch.cat(rows)

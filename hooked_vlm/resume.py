@@ -66,8 +66,15 @@ def capture(model: Any, inputs: dict[str, Any]) -> SavedRun:
     return SavedRun(resid, keys, values, rotary, mask, logits)
 
 
-def _repeat(t: Tensor, n: int) -> Tensor:
-    return t if n == 1 else torch.cat([t] * n, dim=0)
+def _repeat(t: Tensor, n: int, view: bool = False) -> Tensor:
+    """n copies of `t` along dim 0. view=True (read-only uses: past keys / values, saved logits) gives a
+    stride-0 view for one prompt, which the concatenation after it copies once; activations that hooks may
+    edit in place are always real copies."""
+    if n == 1:
+        return t
+    if view and t.shape[0] == 1:
+        return t.expand(n, *t.shape[1:])
+    return torch.cat([t] * n, dim=0)
 
 
 def resume(model: Any, saved: SavedRun, layer: int, pos: int, n: int = 1) -> Float[Tensor, "nB S d_vocab"]:
@@ -82,12 +89,12 @@ def resume(model: Any, saved: SavedRun, layer: int, pos: int, n: int = 1) -> Flo
     rotary = tuple(_repeat(t[:, pos:], n) for t in saved.rotary)
     mask = None if saved.mask is None else _repeat(saved.mask[:, :, pos:], n)
     for i in range(layer, n_layers):
-        past = (_repeat(saved.keys[i][:, :pos], n), _repeat(saved.values[i][:, :pos], n)) if pos else None
+        past = (_repeat(saved.keys[i][:, :pos], n, True), _repeat(saved.values[i][:, :pos], n, True)) if pos else None
         x = model.blocks[i](x, rotary, mask, past)
     tail = model.unembed(model.ln_final(x.to(model.unembed.weight.device)))
     if pos == 0:
         return tail
-    return torch.cat([_repeat(saved.logits[:, :pos], n), tail], dim=1)
+    return torch.cat([_repeat(saved.logits[:, :pos], n, True), tail], dim=1)
 
 
 __all__ = ["SavedRun", "capture", "resume"]

@@ -12,12 +12,13 @@
 from .cache import run_cached
 from .hooks import act_name, check_hook, hook_template, n_heads_of, resolve_layers, site_mask
 from .metric import Metric, check_metric_output, metric_per_slot, metric_values
-from .positions import as_positions, random_count, tile
+from .edits import first_position, transplant, transplant_edit, transplant_sweep
+from .positions import as_positions, random_count, tile, word_positions
 from .progress import progress_bar, set_progress
 from .result import SweepResult
 from .sweep import Site, check_batch_size, patch_edit, plan_chunks, resume_start, run_sites
 
-__all__ = ["Metric", "Site", "SweepResult", "act_name", "as_positions", "check_batch_size", "check_hook",
+__all__ = ["Metric", "Site", "SweepResult", "act_name", "as_positions", "first_position", "transplant", "transplant_edit", "transplant_sweep", "word_positions", "check_batch_size", "check_hook",
            "check_metric_output", "hook_template", "metric_per_slot", "metric_values", "n_heads_of", "patch_edit",
            "plan_chunks", "progress_bar", "random_count", "resolve_layers", "resume_start", "run_cached",
            "run_sites", "set_progress", "site_mask", "tile"]

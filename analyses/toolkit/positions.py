@@ -18,7 +18,7 @@ a [batch, pos] mask for another batch size.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -129,3 +129,36 @@ def random_count(spec: str) -> int | None:
     if m is None or int(m.group(1)) < 1:
         raise ValueError(f"malformed position spec {spec!r}: expected 'random_<k>' with k a positive integer")
     return int(m.group(1))
+
+
+def word_positions(
+    model: Any, input_ids: Tensor, words: str | Sequence[str | Sequence[str]], occurrence: int | None = None
+) -> Bool[Tensor, "batch pos"]:
+    """Token positions of a word (or several) in each prompt, as a boolean mask [batch, pos].
+
+    `words`: one word for every prompt, or one entry per prompt (a word or a list of words). A word is looked up
+    as the token sequence of `word` and of `" " + word` (BPE tokenizers mark the leading space), so multi-token
+    words mark all their tokens. `occurrence`: None = every match, k = the k-th match (negative from the end).
+    Raises if a prompt has no match.
+    """
+    tok = getattr(model, "tokenizer", model)
+    ids = input_ids.cpu()
+    b = ids.shape[0]
+    per = [words] * b if isinstance(words, str) else list(words)
+    if len(per) != b:
+        raise ValueError(f"expected one word (or list of words) per prompt: {b} prompts, {len(per)} entries")
+    out = torch.zeros(ids.shape, dtype=torch.bool)
+    for bi, entry in enumerate(per):
+        for word in [entry] if isinstance(entry, str) else entry:
+            variants = {tuple(tok(v, add_special_tokens=False)["input_ids"]) for v in (word, " " + word)}
+            unk = getattr(tok, "unk_token_id", None)
+            variants = {v for v in variants if v and unk not in v}
+            row = ids[bi].tolist()
+            starts = sorted({(s, len(v)) for v in variants for s in range(len(row) - len(v) + 1)
+                             if tuple(row[s:s + len(v)]) == v})
+            if not starts:
+                raise ValueError(f"prompt {bi}: word {word!r} (token ids {sorted(variants)}) not found")
+            chosen = starts if occurrence is None else [starts[occurrence]]
+            for s, n in chosen:
+                out[bi, s:s + n] = True
+    return out

@@ -8,7 +8,7 @@ from analyses.binding import (binding_deltas, plot_factorizability_grid, plot_po
                               plot_factorizability, plot_mean_intervention, position_swap, random_deltas,
                               read_answers, rerotate_keys, resid_names, rotation, run_with_resid, shapes_context,
                               shapes_factorizability, shapes_slots, slot_means, swap_slot)
-from analyses.heads import run_cached
+from analyses.toolkit import run_cached
 from hooked_vlm import HookedVLM
 from hooked_vlm.components.rotary import RotaryEmbedding, apply_rotary
 from hooked_vlm.organism import ORGANISM_DIR
