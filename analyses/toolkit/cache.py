@@ -18,7 +18,7 @@ def run_cached(model: "HookedVLM", inputs: dict[str, Any], names: Sequence[str],
     """(logits, {hook name: activation}) for `names`, from one forward behind the cache-size guard.
 
     missing: "raise" (default) if a hook never ran (e.g. a vision block past the feature layer), "warn" to warn
-    and leave it out of the dict."""
+    and leave it out of the dict, "ignore" to leave it out silently (the caller checks)."""
     names = list(dict.fromkeys(names))
     if not names:
         raise ValueError("run_cached: no hook names given")
@@ -29,5 +29,6 @@ def run_cached(model: "HookedVLM", inputs: dict[str, Any], names: Sequence[str],
         msg = f"hooks {absent} did not run in the forward pass"
         if missing == "raise":
             raise ValueError(msg)
-        warnings.warn(msg + "; patching them has no effect", stacklevel=3)
+        if missing == "warn":
+            warnings.warn(msg + "; patching them has no effect", stacklevel=3)
     return logits, store
