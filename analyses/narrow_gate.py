@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .toolkit import (Metric, Site, as_positions, first_position, hook_template, metric_values, random_count,
+from .toolkit import (Metric, Site, as_positions, first_position, hook_template, random_count,
                       resolve_layers, run_cached, run_sites, tile)
 
 if TYPE_CHECKING:

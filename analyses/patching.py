@@ -29,11 +29,9 @@ axis), and the clean and corrupt baselines, so ``result.normalized()`` gives
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-from jaxtyping import Bool
-from torch import Tensor
 
 from .toolkit import (
     Metric,

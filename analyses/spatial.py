@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .toolkit import (Metric, Site, act_name, as_positions, check_batch_size, first_position, metric_values, run_cached,
+from .toolkit import (Metric, Site, act_name, check_batch_size, first_position, metric_values, run_cached,
                       run_sites, transplant, transplant_sweep)
 from .toolkit.sweep import decoder_layer
 
