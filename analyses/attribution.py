@@ -19,7 +19,7 @@ Per-prompt gradients come from one backward of the summed metric: prompts in a b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -27,8 +27,11 @@ from torch import Tensor
 from .toolkit.hooks import HEAD_FIRST, HEAD_THIRD, check_hook, frozen_parameters, hook_template, resolve_layers
 from .toolkit.metric import as_float
 from .patching import DIRECTIONS
+from .toolkit import Metric
 
-Metric = Callable[[Tensor], Tensor]
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
+
 
 
 @dataclass
@@ -62,7 +65,7 @@ def _leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _names(model: Any, hooks: Sequence[str], layers: Any) -> dict[str, list[str]]:
+def _names(model: "HookedVLM", hooks: Sequence[str], layers: Any) -> dict[str, list[str]]:
     """kind -> hook names (one per layer, or one for a plain hook name)."""
     out: dict[str, list[str]] = {}
     for kind in hooks:
@@ -88,7 +91,7 @@ def _capture_hooks(store: dict[str, Tensor]) -> Callable:
 
 
 def gradients(
-    model: Any, inputs: dict[str, Any], metric: Metric, names: Sequence[str]
+    model: "HookedVLM", inputs: dict[str, Any], metric: Metric, names: Sequence[str]
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """One forward with the graph kept and one backward of sum(metric).
 
@@ -111,7 +114,7 @@ def gradients(
 
 
 def attribution_patching(
-    model: Any,
+    model: "HookedVLM",
     clean_inputs: dict[str, Any],
     corrupt_inputs: dict[str, Any],
     metric: Metric,

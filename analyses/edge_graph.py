@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from hooked_vlm.vision.vit import ViTTower, hidden_state_index
 
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
 
-Metric = Callable[[Tensor], Tensor]
+
 Edge = tuple[str, str]
 
 
@@ -27,7 +29,7 @@ def _feature_depth(layer: Any, n_blocks: int) -> int:
     return hidden_state_index(int(layer), n_blocks)
 
 
-def vision_depth(model: Any, inputs: dict[str, Any] | None = None) -> int:
+def vision_depth(model: "HookedVLM", inputs: dict[str, Any] | None = None) -> int:
     """The number K of vision blocks that run (blocks 0..K-1 are in the image-path graph): every block for the Qwen
     towers; for the ViT towers (LLaVA, LLaVA-OneVision) the blocks up to the single vision feature layer."""
     tower = getattr(model, "vision", None)
@@ -60,14 +62,14 @@ def _is_vision(name: str) -> bool:
     return name == "projector" or name.startswith("V")
 
 
-def node_names(model: Any, *, image_path: bool = False) -> list[str]:
+def node_names(model: "HookedVLM", *, image_path: bool = False) -> list[str]:
     c = model.cfg
     vision = _vision_nodes(vision_depth(model)) if image_path else []
     return (vision + ["embed_image", "embed_text"] + [f"L{l}H{h}" for l in range(c.n_layers) for h in range(c.n_heads)]
             + [f"MLP{l}" for l in range(c.n_layers)])
 
 
-def receiver_names(model: Any, *, image_path: bool = False) -> list[str]:
+def receiver_names(model: "HookedVLM", *, image_path: bool = False) -> list[str]:
     c = model.cfg
     out = _vision_receivers(vision_depth(model)) if image_path else []
     for l in range(c.n_layers):
@@ -113,13 +115,13 @@ def _is_edge(u: str, v: str, n_layers: int) -> bool:
     return _parse_node(u) < _parse_receiver(v, n_layers)
 
 
-def valid_edges(model: Any, *, image_path: bool = False) -> list[Edge]:
+def valid_edges(model: "HookedVLM", *, image_path: bool = False) -> list[Edge]:
     n = model.cfg.n_layers
     return [(u, v) for v in receiver_names(model, image_path=image_path)
             for u in node_names(model, image_path=image_path) if _is_edge(u, v, n)]
 
 
-def _node_hooks(model: Any, depth: int | None = None) -> list[str]:
+def _node_hooks(model: "HookedVLM", depth: int | None = None) -> list[str]:
     n = model.cfg.n_layers
     vision = [] if depth is None else ["vision.blocks.0.hook_resid_pre"] + [
         f"vision.blocks.{k}.hook_{s}_out" for k in range(depth) for s in ("attn", "mlp")]
@@ -127,7 +129,7 @@ def _node_hooks(model: Any, depth: int | None = None) -> list[str]:
             + [f"blocks.{l}.hook_mlp_out" for l in range(n)])
 
 
-def _image_mask(model: Any, inputs: dict[str, Any]) -> Tensor:
+def _image_mask(model: "HookedVLM", inputs: dict[str, Any]) -> Tensor:
     return (inputs["input_ids"] == model.cfg.image_token_id)[:, :, None]
 
 
@@ -135,7 +137,7 @@ def _no_tower_run() -> ValueError:
     return ValueError("image_path=True: the vision tower did not run on these inputs (no pixel_values?)")
 
 
-def _acts_from_cache(model: Any, cache: Any, img: Tensor, depth: int | None = None) -> dict[str, Tensor]:
+def _acts_from_cache(model: "HookedVLM", cache: Any, img: Tensor, depth: int | None = None) -> dict[str, Tensor]:
     acts = {}
     if depth is not None:
         try:
@@ -157,7 +159,7 @@ def _acts_from_cache(model: Any, cache: Any, img: Tensor, depth: int | None = No
 
 
 @torch.no_grad()
-def node_activations(model: Any, inputs: dict[str, Any], *, image_path: bool = False
+def node_activations(model: "HookedVLM", inputs: dict[str, Any], *, image_path: bool = False
                      ) -> tuple[Tensor, dict[str, Tensor]]:
     """(logits, {node: its additive term of the residual stream}): decoder nodes [batch, pos, d_model], vision
     nodes (``image_path=True``) [n_images_or_crops, patches, d_vision] (Qwen: [1, all patches, d_vision])."""

@@ -10,21 +10,24 @@ path)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .toolkit import progress_bar
+from .toolkit import Metric, progress_bar
 from .toolkit.metric import as_float
-from .edge_graph import (Edge, EdgeGraph, Metric, _image_mask, _is_edge, _is_vision, node_activations, node_names,
+from .edge_graph import (Edge, EdgeGraph, _image_mask, _is_edge, _is_vision, node_activations, node_names,
                          receiver_names, valid_edges, vision_depth)
+
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
 
 
 # ------------------------------------------------------------------------------- edge-patching forward hooks
 def edge_hooks(
-    model: Any,
+    model: "HookedVLM",
     inputs: dict[str, Any],
     ablate: dict[str, Sequence[str]] | None = None,
     sources: dict[str, Tensor] | None = None,
@@ -39,7 +42,7 @@ def edge_hooks(
 
 
 def _edge_hooks(
-    model: Any,
+    model: "HookedVLM",
     inputs: dict[str, Any],
     ablate: dict[str, Sequence[str]] | None,
     sources: dict[str, Tensor] | None,
@@ -144,7 +147,7 @@ def _edge_hooks(
     return hooks
 
 
-def _vision_edge_hooks(model: Any, depth: int, cur: dict[str, Tensor], resid: dict[str, Tensor], active: set[str],
+def _vision_edge_hooks(model: "HookedVLM", depth: int, cur: dict[str, Tensor], resid: dict[str, Tensor], active: set[str],
                        delta: Callable[[str], Tensor | None], extra: dict[str, Tensor],
                        leaves: dict[str, Tensor] | None) -> list[tuple[str, Callable]]:
     """The tower's part of `edge_hooks` (blocks 0..depth-1). A vision attention receiver's input is recomputed at
@@ -216,7 +219,7 @@ def _vision_edge_hooks(model: Any, depth: int, cur: dict[str, Tensor], resid: di
     return hooks
 
 
-def patch_edges(model: Any, inputs: dict[str, Any], edges: Iterable[Edge], sources: dict[str, Tensor],
+def patch_edges(model: "HookedVLM", inputs: dict[str, Any], edges: Iterable[Edge], sources: dict[str, Tensor],
                 fwd_hooks: Sequence[tuple[str, Callable]] = (), *, image_path: bool = False) -> Tensor:
     """Logits of a run on `inputs` where each edge u -> v in `edges` carries ``sources[u]`` instead of u's
     current output (all other edges unchanged). `fwd_hooks` are applied first (e.g. a model modification)."""
@@ -229,7 +232,7 @@ def patch_edges(model: Any, inputs: dict[str, Any], edges: Iterable[Edge], sourc
 
 
 # ---------------------------------------------------------------------------------- exact effects, pruning
-def _sources(model: Any, clean_inputs: dict[str, Any], corrupt_inputs: dict[str, Any], ablation: str,
+def _sources(model: "HookedVLM", clean_inputs: dict[str, Any], corrupt_inputs: dict[str, Any], ablation: str,
              fwd_hooks: Sequence[tuple[str, Callable]], image_path: bool = False) -> dict[str, Tensor]:
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         if ablation == "counterfactual":
@@ -240,7 +243,7 @@ def _sources(model: Any, clean_inputs: dict[str, Any], corrupt_inputs: dict[str,
     raise ValueError(f"ablation must be 'counterfactual' or 'mean', got {ablation!r}")
 
 
-def edge_effects(model: Any, clean_inputs: dict[str, Any], corrupt_inputs: dict[str, Any], metric: Metric,
+def edge_effects(model: "HookedVLM", clean_inputs: dict[str, Any], corrupt_inputs: dict[str, Any], metric: Metric,
                  edges: Sequence[Edge], *, ablation: str = "counterfactual", per_prompt: bool = False,
                  image_path: bool = False, fwd_hooks: Sequence[tuple[str, Callable]] = (), progress: bool = True
                  ) -> Tensor:
@@ -280,7 +283,7 @@ class Faithfulness:
         return (self.value - self.ablated) / (self.clean - self.ablated)
 
 
-def faithfulness(model: Any, clean_inputs: dict[str, Any], corrupt_inputs: dict[str, Any], metric: Metric,
+def faithfulness(model: "HookedVLM", clean_inputs: dict[str, Any], corrupt_inputs: dict[str, Any], metric: Metric,
                  kept_edges: Iterable[Edge], *, ablation: str = "counterfactual", per_prompt: bool = False,
                  image_path: bool = False, fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> Faithfulness:
     """Run the clean inputs with every edge NOT in `kept_edges` ablated (edge-level, see `patch_edges`); with

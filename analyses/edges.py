@@ -60,21 +60,24 @@ raise) and a connectivity clean-up of pruned graphs (dangling edges are kept as 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .toolkit import progress_bar
+from .toolkit import Metric, progress_bar
 from .toolkit.hooks import frozen_parameters
 from .toolkit.metric import as_float
-from .edge_graph import (Edge, EdgeGraph, Metric, _image_mask, _is_edge, _is_vision, _no_tower_run, node_activations,
+from .edge_graph import (Edge, EdgeGraph, _image_mask, _is_edge, _is_vision, _no_tower_run, node_activations,
                          node_names, receiver_names)
 from .edge_patching import _edge_hooks
 
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
+
 
 # ------------------------------------------------------------------------------------------- EAP / EAP-IG
-def receiver_gradients(model: Any, inputs: dict[str, Any], metric: Metric, embed: Tensor | None = None,
+def receiver_gradients(model: "HookedVLM", inputs: dict[str, Any], metric: Metric, embed: Tensor | None = None,
                        fwd_hooks: Sequence[tuple[str, Callable]] = (), *, image_path: bool = False
                        ) -> tuple[Tensor, dict[str, Tensor]]:
     """(metric [batch], {receiver: dM/d(input of receiver)}) from one forward and one backward: decoder receivers
@@ -107,7 +110,7 @@ def receiver_gradients(model: Any, inputs: dict[str, Any], metric: Metric, embed
 
 
 def eap(
-    model: Any,
+    model: "HookedVLM",
     clean_inputs: dict[str, Any],
     corrupt_inputs: dict[str, Any],
     metric: Metric,
@@ -185,7 +188,7 @@ def eap(
     return EdgeGraph(scores, nodes, recv, clean, corrupt, method, per_position=per_position)
 
 
-def eap_ig(model: Any, clean_inputs: dict[str, Any], corrupt_inputs: dict[str, Any], metric: Metric,
+def eap_ig(model: "HookedVLM", clean_inputs: dict[str, Any], corrupt_inputs: dict[str, Any], metric: Metric,
            steps: int = 5, **kwargs: Any) -> EdgeGraph:
     """EAP-IG with `steps` interpolation steps (steps=1 is EAP)."""
     return eap(model, clean_inputs, corrupt_inputs, metric, ig_steps=steps, **kwargs)

@@ -330,33 +330,6 @@ def amplify(
     return logits if metric is None else metric(logits)
 
 
-# ------------------------------------------------------------------------------------------ Shapes labels
-def shapes_token_labels(model: "HookedVLM", inputs: dict[str, Any], scenes: Sequence[Any], attribute: str = "colour",
-                        layout: Any = None) -> Int[Tensor, "batch pos"]:
-    """Per image token of Shapes prompts: the covering object's colour / shape index (COLOURS / SHAPES order;
-    len(...) = background), or for attribute="block" 0 background, 1 + the object's block (upper-left 0 /
-    lower-right 1). Coverage = Scene.object_patches (row-major patch indices); -1 off the image."""
-    from hooked_vlm.organism import COLOURS, SHAPES
-
-    if layout is not None:
-        layout.check_inputs(inputs["input_ids"])  # a layout of other prompts would select wrong tokens silently
-    layout = layout or model.layout(inputs)
-    scenes = [getattr(s, "scene", s) for s in scenes]
-    out = torch.full(layout.shape, -1, dtype=torch.long)
-    for bi, sc in enumerate(scenes):
-        img = layout.image_positions(0)[bi]
-        cols = int(layout.grids[bi][0][0][1])
-        patch = layout.row[bi] * cols + layout.col[bi]
-        bg = {"colour": len(COLOURS), "shape": len(SHAPES), "block": 0}[attribute]
-        out[bi, img] = bg
-        for i in range(2):
-            val = {"colour": lambda: COLOURS.index(sc.colours[i]), "shape": lambda: SHAPES.index(sc.shapes[i]),
-                   "block": lambda: 1 + sc.slots[i]}[attribute]()
-            covered = torch.isin(patch, torch.tensor(sc.object_patches(i))) & img
-            out[bi, covered] = val
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ plots
 def plot_probe_accuracy(acc: dict[str, Any], title: str = "Probe accuracy",
                         chance: float | int | None = None) -> go.Figure:

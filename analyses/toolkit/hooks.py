@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
+
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
 
 HEAD_FIRST = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]
 HEAD_THIRD = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_rot_q", "hook_rot_k")  # [batch, pos, head, d]
@@ -51,7 +54,7 @@ def act_name(hook: str, layer: int | None = None) -> str:
     return template
 
 
-def n_layers_of(model: Any, template: str) -> int:
+def n_layers_of(model: "HookedVLM", template: str) -> int:
     """How many consecutive layers 0, 1, ... the model has a hook ``template.format(layer=l)`` for."""
     if "{layer}" not in template:
         raise ValueError(f"hook {template!r} has no {{layer}} placeholder")
@@ -63,7 +66,7 @@ def n_layers_of(model: Any, template: str) -> int:
     return n
 
 
-def resolve_layers(model: Any, template: str, layers: int | Sequence[int] | None) -> list[int]:
+def resolve_layers(model: "HookedVLM", template: str, layers: int | Sequence[int] | None) -> list[int]:
     """Layer indices (negatives counted from the end) for a ``{layer}`` template; None = every layer."""
     n = n_layers_of(model, template)
     if layers is None:
@@ -80,14 +83,14 @@ def resolve_layers(model: Any, template: str, layers: int | Sequence[int] | None
     return out
 
 
-def check_hook(model: Any, name: str) -> str:
+def check_hook(model: "HookedVLM", name: str) -> str:
     if name not in model.hook_dict:
         close = [h for h in model.hook_dict if name.split(".")[-1] in h][:5]
         raise ValueError(f"the model has no hook {name!r}" + (f"; similar: {close}" if close else ""))
     return name
 
 
-def n_heads_of(model: Any, name: str) -> int:
+def n_heads_of(model: "HookedVLM", name: str) -> int:
     """Heads (or key/value heads for hook_k / hook_v) of the attention module owning hook `name`."""
     module = model.mod_dict[name.rsplit(".", 1)[0]]
     leaf = name.rsplit(".", 1)[-1]
@@ -195,7 +198,7 @@ def slot_patch_hooks(
 
 
 @contextlib.contextmanager
-def frozen_parameters(model: Any) -> Iterator[None]:
+def frozen_parameters(model: "HookedVLM") -> Iterator[None]:
     """Gradients w.r.t. activations only: parameters stop requiring grad inside (restored after, also on error).
     Autograd then keeps no inputs for weight gradients and builds no graph upstream of the first hooked
     activation (e.g. the whole vision tower when only decoder activations are asked for)."""

@@ -165,7 +165,7 @@ def test_organism_image_lookup_reaches_the_final_token_in_layer_1(organism):
 def test_organism_probes_read_colour_and_place_from_projector_outputs(organism):
     """Per image token of the projector output: the covering object's colour is linearly decodable (test
     accuracy > 0.95, chance ~0.6 with the background class), and so is which block it lies in."""
-    from analyses.spatial import shapes_token_labels
+    from analyses.tasks import shapes_token_labels
     from analyses.tasks import encode
     from hooked_vlm.organism import ShapesGenerator
 
