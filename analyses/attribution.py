@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .toolkit.hooks import HEAD_FIRST, HEAD_THIRD, check_hook, frozen_parameters, hook_template, resolve_layers
-from .toolkit.metric import as_float
+from .toolkit.metric import as_float, check_metric_output, metric_values
 from .patching import DIRECTIONS
 from .toolkit import Metric
 
@@ -115,8 +115,8 @@ def gradients(
 
 def attribution_patching(
     model: "HookedVLM",
-    clean_inputs: dict[str, Any],
-    corrupt_inputs: dict[str, Any],
+    clean: dict[str, Any],
+    corrupt: dict[str, Any],
     metric: Metric,
     *,
     hooks: Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "z"),
@@ -144,12 +144,12 @@ def attribution_patching(
         if _leaf(names[0]) in HEAD_FIRST:
             raise ValueError(f"{kind}: attribution over attention patterns is not supported (use z or result)")
     all_names = [n for names in kinds.values() for n in names]
-    base_inputs, grad_inputs = (clean_inputs, corrupt_inputs) if direction == "denoise" else (corrupt_inputs, clean_inputs)
+    base_inputs, grad_inputs = (clean, corrupt) if direction == "denoise" else (corrupt, clean)
     with torch.no_grad():
         base_logits, cache = model.run_with_cache(**base_inputs, names_filter=all_names)
-        base_metric = as_float(metric(base_logits))
+        base_metric = metric_values(metric, base_logits)
     grad_metric, acts, grads = gradients(model, grad_inputs, metric, all_names)
-    grad_metric = as_float(grad_metric)
+    grad_metric = as_float(check_metric_output(grad_metric, int(grad_inputs["input_ids"].shape[0]), metric))
     clean, corrupt = (base_metric, grad_metric) if direction == "denoise" else (grad_metric, base_metric)
 
     scores: dict[str, Tensor] = {}

@@ -88,7 +88,7 @@ def check_pair(clean: Inputs, corrupt: Inputs, names: Sequence[str] = ("blocks."
     if a != b and any(not n.startswith(("vision.", "projector.")) for n in names):
         raise ValueError(f"clean and corrupt inputs have different sequence lengths {a[1]} vs {b[1]}: patching a "
                          "decoder activation needs a counterfactual of the same token count (to move positions "
-                         "between prompts of different lengths use heads.transplant_sweep)")
+                         "between prompts of different lengths use analyses.toolkit.transplant_sweep)")
 
 
 @torch.no_grad()

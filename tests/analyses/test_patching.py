@@ -355,3 +355,32 @@ def test_reuse_prefix_equals_full_reruns(setup, family):
     finally:
         handle.remove()
     assert no_hooks_left(model)
+
+
+def test_bad_arguments_name_their_cause(setup):
+    """Issue 15: empty arguments, a counterfactual of another length and bad sizes are errors that say so."""
+    from analyses.heads import head_scores
+    from analyses.paths import path_patch
+    from analyses.toolkit import transplant_sweep
+
+    model, clean, _, _, metric = setup
+    with pytest.raises(ValueError, match="no sites given"):
+        patch_sweep(model, clean, clean, metric, sites=[], progress=False)
+    empty = dict(clean, input_ids=clean["input_ids"][:, :0], attention_mask=clean["attention_mask"][:, :0])
+    with pytest.raises(ValueError, match="corrupt inputs are empty"):
+        patch_by_layer(model, clean, empty, metric, progress=False)
+    longer = {k: (torch.cat([v, v[:, -1:]], 1) if k in ("input_ids", "attention_mask") else v) for k, v in clean.items()}
+    with pytest.raises(ValueError, match="different sequence lengths 26 vs 27"):
+        patch_resid_by_layer_and_position(model, clean, longer, metric, layers=[0], progress=False)
+    with pytest.raises(ValueError, match="different sequence lengths"):
+        path_patch(model, clean, longer, metric, senders=[(0, 0)], receivers="logits", progress=False)
+    one = {k: v[:1] for k, v in clean.items()}
+    with pytest.raises(ValueError, match="different batch sizes: 2 vs 1"):
+        patch_by_layer(model, clean, one, metric, progress=False)
+    with pytest.raises(ValueError, match="no patches given"):
+        transplant_sweep(model, clean, {}, [], metric, positions=model.layout(clean).final_token())
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        head_scores(model, clean, clean, metric, positions=model.layout(clean).final_token(), batch_size=-1)
+    with pytest.raises(TypeError, match="fraction is not a position"):
+        patch_by_layer(model, clean, clean, metric, positions=[0.5], progress=False)
+    assert no_hooks_left(model)
