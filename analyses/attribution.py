@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .toolkit.hooks import HEAD_FIRST, HEAD_THIRD, check_hook, frozen_parameters, hook_template, resolve_layers
 from .toolkit.metric import as_float, check_metric_output, metric_values
-from .patching import DIRECTIONS
+from .toolkit.inputs import DIRECTIONS
 from .toolkit import Metric
 
 if TYPE_CHECKING:

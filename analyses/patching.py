@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from .toolkit.inputs import check_direction, check_pair
 from .toolkit import (
     Metric,
     Site,
@@ -56,12 +57,6 @@ if TYPE_CHECKING:
     from hooked_vlm import HookedVLM
 
 Inputs = dict[str, Any]
-DIRECTIONS = ("denoise", "noise")
-
-
-def _check_direction(direction: str) -> None:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
 
 
 def _as_site(site: Any) -> tuple[str, Any, Any]:
@@ -71,24 +66,6 @@ def _as_site(site: Any) -> tuple[str, Any, Any]:
     if not 1 <= len(site) <= 3:
         raise ValueError(f"a site is (hook, positions, heads); got {len(site)} fields")
     return tuple(site) + (None,) * (3 - len(site))  # type: ignore[return-value]
-
-
-def check_pair(clean: Inputs, corrupt: Inputs, names: Sequence[str] = ("blocks.",)) -> None:
-    """Clean and corrupt inputs must have the same batch, and the same sequence length where decoder
-    activations are exchanged; else an error naming both shapes."""
-    for what, d in (("clean", clean), ("corrupt", corrupt)):
-        if not isinstance(d, dict) or "input_ids" not in d:
-            raise TypeError(f"{what} must be a model input dict with input_ids (from model.process / to_inputs); got "
-                            f"{type(d).__name__}")
-        if d["input_ids"].numel() == 0:
-            raise ValueError(f"{what} inputs are empty: input_ids has shape {tuple(d['input_ids'].shape)}")
-    a, b = tuple(clean["input_ids"].shape), tuple(corrupt["input_ids"].shape)
-    if a[0] != b[0]:
-        raise ValueError(f"clean and corrupt inputs have different batch sizes: {a[0]} vs {b[0]} prompts")
-    if a != b and any(not n.startswith(("vision.", "projector.")) for n in names):
-        raise ValueError(f"clean and corrupt inputs have different sequence lengths {a[1]} vs {b[1]}: patching a "
-                         "decoder activation needs a counterfactual of the same token count (to move positions "
-                         "between prompts of different lengths use analyses.toolkit.transplant_sweep)")
 
 
 @torch.no_grad()
@@ -127,7 +104,7 @@ def patch_sweep(
 
     Returns a SweepResult with scores [n_sites] (or [n_sites, B]).
     """
-    _check_direction(direction)
+    check_direction(direction)
     sites = [_as_site(s) for s in sites]
     if not sites:
         raise ValueError("patch_sweep: no sites given")

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor
 
-from .patching import check_pair
+from .toolkit.inputs import check_pair
 from .toolkit import Metric, Site, SweepResult, as_positions, first_position, metric_values, run_cached, run_sites
 from .toolkit.sweep import EditFn, from_position
 
