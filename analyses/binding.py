@@ -27,7 +27,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .metrics import final_logits
-from .toolkit import Metric, run_cached, transplant
+from .toolkit import Metric, act_name, run_cached, transplant
 from hooked_vlm.components.rotary import apply_rotary
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 def resid_names(model: "HookedVLM", kind: str = "resid_pre") -> list[str]:
     """`blocks.{l}.hook_{kind}` for every layer."""
-    return [f"blocks.{l}.hook_{kind}" for l in range(model.cfg.n_layers)]
+    return [act_name(kind, l) for l in range(model.cfg.n_layers)]
 
 
 @torch.no_grad()
@@ -189,7 +189,7 @@ def rerotate_keys(
         cos, sin = rot[k.dtype, k.device]
         return torch.where(moved.to(k.device)[..., None, None], apply_rotary(k, cos, sin), k)
 
-    with model.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_rot_k", hook) for l in layers]):
+    with model.hooks(fwd_hooks=[(act_name("rot_k", l), hook) for l in layers]):
         logits = model(**inputs)
     return logits if metric is None else metric(logits)
 

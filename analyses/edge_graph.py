@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from hooked_vlm.vision.vit import ViTTower, hidden_state_index
+from .toolkit import act_name
 
 if TYPE_CHECKING:
     from hooked_vlm import HookedVLM
@@ -125,8 +126,8 @@ def _node_hooks(model: "HookedVLM", depth: int | None = None) -> list[str]:
     n = model.cfg.n_layers
     vision = [] if depth is None else ["vision.blocks.0.hook_resid_pre"] + [
         f"vision.blocks.{k}.hook_{s}_out" for k in range(depth) for s in ("attn", "mlp")]
-    return (vision + ["hook_embed"] + [f"blocks.{l}.attn.hook_result" for l in range(n)]
-            + [f"blocks.{l}.hook_mlp_out" for l in range(n)])
+    return (vision + ["hook_embed"] + [act_name("result", l) for l in range(n)]
+            + [act_name("mlp_out", l) for l in range(n)])
 
 
 def _image_mask(model: "HookedVLM", inputs: dict[str, Any]) -> Tensor:
@@ -151,10 +152,10 @@ def _acts_from_cache(model: "HookedVLM", cache: Any, img: Tensor, depth: int | N
     img = img.to(e.device)
     acts.update({"embed_image": e * img, "embed_text": e * ~img})
     for l in range(model.cfg.n_layers):
-        r = cache[f"blocks.{l}.attn.hook_result"]
+        r = cache[act_name("result", l)]
         for h in range(model.cfg.n_heads):
             acts[f"L{l}H{h}"] = r[:, :, h]
-        acts[f"MLP{l}"] = cache[f"blocks.{l}.hook_mlp_out"]
+        acts[f"MLP{l}"] = cache[act_name("mlp_out", l)]
     return acts
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .toolkit import Metric, progress_bar
+from .toolkit import Metric, act_name, progress_bar
 from .toolkit.metric import as_float
 from .edge_graph import (Edge, EdgeGraph, _image_mask, _is_edge, _is_vision, node_activations, node_names,
                          receiver_names, valid_edges, vision_depth)
@@ -136,14 +136,14 @@ def _edge_hooks(
         hooks += _vision_edge_hooks(model, depth, cur, resid, active, delta, extra, leaves)
     hooks.append(("hook_embed", on_embed))
     for l in range(c.n_layers):
-        hooks.append((f"blocks.{l}.hook_resid_pre", store(f"pre{l}")))
+        hooks.append((act_name("resid_pre", l), store(f"pre{l}")))
         for kind in ("q", "k", "v"):
             if any(v.startswith(f"L{l}H") and v.endswith(f".{kind}") for v in active):
-                hooks.append((f"blocks.{l}.attn.hook_{kind}", qkv(l, kind)))
-        hooks.append((f"blocks.{l}.attn.hook_result", on_result(l)))
-        hooks.append((f"blocks.{l}.hook_resid_mid", store(f"mid{l}")))
-        hooks.append((f"blocks.{l}.hook_mlp_out", on_mlp(l)))
-    hooks.append((f"blocks.{c.n_layers - 1}.hook_resid_post", on_final))
+                hooks.append((act_name(kind, l), qkv(l, kind)))
+        hooks.append((act_name("result", l), on_result(l)))
+        hooks.append((act_name("resid_mid", l), store(f"mid{l}")))
+        hooks.append((act_name("mlp_out", l), on_mlp(l)))
+    hooks.append((act_name("resid_post", c.n_layers - 1), on_final))
     return hooks
 
 

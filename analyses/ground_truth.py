@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+from .toolkit import act_name
 
 if TYPE_CHECKING:
     from hooked_vlm import HookedVLM
@@ -57,7 +58,7 @@ def ablate_heads_accuracy(model: "HookedVLM", inputs: dict[str, Any], heads: Seq
         z[:, :, idx] = 0
         return z
 
-    hooks = [(f"blocks.{l}.attn.hook_z", lambda z, hook, idx=idx: zero(z, hook, idx)) for l, idx in by_layer.items()]
+    hooks = [(act_name("z", l), lambda z, hook, idx=idx: zero(z, hook, idx)) for l, idx in by_layer.items()]
     with torch.no_grad():
         return float(accuracy(model.run_with_hooks(**inputs, fwd_hooks=hooks)).mean())
 

@@ -46,7 +46,8 @@ import torch
 from torch import Tensor
 
 from .toolkit.inputs import check_pair
-from .toolkit import Metric, Site, SweepResult, as_positions, first_position, metric_values, run_cached, run_sites
+from .toolkit import (Metric, Site, SweepResult, act_name, as_positions, first_position, metric_values, run_cached,
+                      run_sites)
 from .toolkit.sweep import EditFn, from_position
 
 if TYPE_CHECKING:
@@ -190,8 +191,8 @@ def path_patch(
         raise ValueError("path_patch: no sender sets given")
     check_pair(clean, corrupt)
     b, p = clean["input_ids"].shape
-    z_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
-    mlp_names = [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
+    z_names = [act_name("z", l) for l in range(n_layers)]
+    mlp_names = [act_name("mlp_out", l) for l in range(n_layers)]
     vis_blocks = sorted(set().union(*(s.vision for s in sets)))
     n_vision = len(getattr(model.vision, "blocks", ()))
     any_vision = bool(vis_blocks) or any(s.vision_embed for s in sets)
@@ -213,7 +214,7 @@ def path_patch(
         raise ValueError("clean and counterfactual runs differ in shape: they need the same sequence length and images")
     spos = _pos_mask(sender_positions, b, p)
     rpos = _pos_mask(receiver_positions, b, p)
-    recv_names = sorted({f"blocks.{l}.attn.hook_{k}" for l, k, _ in recv}) if recv != "logits" else []
+    recv_names = sorted({act_name(k, l) for l, k, _ in recv}) if recv != "logits" else []
     if recv_names:
         _, c_recv = run_cached(model, clean, recv_names)
     image = (clean["input_ids"] == model.cfg.image_token_id)[:, :, None]
@@ -268,7 +269,7 @@ def path_patch(
         for sset, store in zip(sets, stores):
             edits = []
             for name in recv_names:
-                heads = [h for l, k, h in recv if f"blocks.{l}.attn.hook_{k}" == name]
+                heads = [h for l, k, h in recv if act_name(k, l) == name]
                 # from the layer and position run (b) resumed at; earlier ones (never run) are clean's
                 got = store.get(name, c_recv[name])
                 full = torch.cat([c_recv[name][:, : p - got.shape[1]].to(got.device, got.dtype), got], dim=1)
