@@ -185,7 +185,7 @@ def test_bad_senders_are_named(setup):
 def test_the_whole_tower_as_senders_equals_the_projector(setup):
     """With the tower's input and every running block at their counterfactual values, the tower's output (so the
     projector's) is the counterfactual one: the set ["V.embed", "V0", ...] equals the "projector" sender exactly."""
-    from analyses.edges import vision_depth
+    from analyses.edge_graph import vision_depth
 
     model, clean, cf, metric = setup
     tower = ["V.embed"] + [f"V{k}" for k in range(vision_depth(model))]
