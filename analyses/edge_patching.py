@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .toolkit import Metric, act_name, progress_bar
-from .toolkit.metric import as_float
+from .toolkit.metric import metric_values
 from .edge_graph import (Edge, EdgeGraph, _image_mask, _is_edge, _is_vision, node_activations, node_names,
                          receiver_names, valid_edges, vision_depth)
 
@@ -232,31 +232,31 @@ def patch_edges(model: "HookedVLM", inputs: dict[str, Any], edges: Iterable[Edge
 
 
 # ---------------------------------------------------------------------------------- exact effects, pruning
-def _sources(model: "HookedVLM", clean_inputs: dict[str, Any], corrupt_inputs: dict[str, Any], ablation: str,
+def _sources(model: "HookedVLM", clean: dict[str, Any], corrupt: dict[str, Any], ablation: str,
              fwd_hooks: Sequence[tuple[str, Callable]], image_path: bool = False) -> dict[str, Tensor]:
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         if ablation == "counterfactual":
-            return node_activations(model, corrupt_inputs, image_path=image_path)[1]
+            return node_activations(model, corrupt, image_path=image_path)[1]
         if ablation == "mean":
-            acts = node_activations(model, clean_inputs, image_path=image_path)[1]
+            acts = node_activations(model, clean, image_path=image_path)[1]
             return {u: a.mean(0, keepdim=True) for u, a in acts.items()}
     raise ValueError(f"ablation must be 'counterfactual' or 'mean', got {ablation!r}")
 
 
-def edge_effects(model: "HookedVLM", clean_inputs: dict[str, Any], corrupt_inputs: dict[str, Any], metric: Metric,
+def edge_effects(model: "HookedVLM", clean: dict[str, Any], corrupt: dict[str, Any], metric: Metric,
                  edges: Sequence[Edge], *, ablation: str = "counterfactual", per_prompt: bool = False,
                  image_path: bool = False, fwd_hooks: Sequence[tuple[str, Callable]] = (), progress: bool = True
                  ) -> Tensor:
     """Exact effect of ablating each edge alone: M(clean, edge ablated) - M(clean), [n_edges] (or [n, B]: with
     ``image_path`` a vision edge is ablated in every image at once and [n, B] is its effect on each prompt).
     Both runs go through the edge-patching hooks, so an edge whose source equals its value gives exactly 0."""
-    src = _sources(model, clean_inputs, corrupt_inputs, ablation, fwd_hooks, image_path)
+    src = _sources(model, clean, corrupt, ablation, fwd_hooks, image_path)
     # the baseline runs through the same hooks (nothing ablated), so an edge whose source equals its current value
     # has an effect of exactly 0 (a plain forward differs in rounding: e.g. hook_result sums heads separately)
-    base = as_float(metric(patch_edges(model, clean_inputs, [], src, fwd_hooks, image_path=image_path)))
+    base = metric_values(metric, patch_edges(model, clean, [], src, fwd_hooks, image_path=image_path))
     out = []
     for e in progress_bar(edges, desc="edge patching", progress=progress):
-        out.append(as_float(metric(patch_edges(model, clean_inputs, [e], src, fwd_hooks, image_path=image_path)))
+        out.append(metric_values(metric, patch_edges(model, clean, [e], src, fwd_hooks, image_path=image_path))
                    - base)
     res = torch.stack(out) if out else torch.empty(0, len(base))
     return res if per_prompt else res.mean(-1)
@@ -283,22 +283,22 @@ class Faithfulness:
         return (self.value - self.ablated) / (self.clean - self.ablated)
 
 
-def faithfulness(model: "HookedVLM", clean_inputs: dict[str, Any], corrupt_inputs: dict[str, Any], metric: Metric,
+def faithfulness(model: "HookedVLM", clean: dict[str, Any], corrupt: dict[str, Any], metric: Metric,
                  kept_edges: Iterable[Edge], *, ablation: str = "counterfactual", per_prompt: bool = False,
                  image_path: bool = False, fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> Faithfulness:
     """Run the clean inputs with every edge NOT in `kept_edges` ablated (edge-level, see `patch_edges`); with
     ``image_path`` the tower's edges are part of the graph (not kept = ablated)."""
-    src = _sources(model, clean_inputs, corrupt_inputs, ablation, fwd_hooks, image_path)
+    src = _sources(model, clean, corrupt, ablation, fwd_hooks, image_path)
     kept = {tuple(e) for e in kept_edges}
     all_edges = valid_edges(model, image_path=image_path)
     unknown = kept - set(all_edges)
     if unknown:
         raise ValueError(f"not edges of this graph: {sorted(unknown)[:5]}")
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
-        clean = as_float(metric(model(**clean_inputs)))
+        clean_v = metric_values(metric, model(**clean))
     ablate = [e for e in all_edges if e not in kept]
-    value = as_float(metric(patch_edges(model, clean_inputs, ablate, src, fwd_hooks, image_path=image_path)))
-    ablated = as_float(metric(patch_edges(model, clean_inputs, all_edges, src, fwd_hooks, image_path=image_path)))
+    value = metric_values(metric, patch_edges(model, clean, ablate, src, fwd_hooks, image_path=image_path))
+    ablated = metric_values(metric, patch_edges(model, clean, all_edges, src, fwd_hooks, image_path=image_path))
     if not per_prompt:
-        value, clean, ablated = value.mean(), clean.mean(), ablated.mean()
-    return Faithfulness(value, clean, ablated, len(kept))
+        value, clean_v, ablated = value.mean(), clean_v.mean(), ablated.mean()
+    return Faithfulness(value, clean_v, ablated, len(kept))

@@ -67,7 +67,7 @@ from torch import Tensor
 
 from .toolkit import Metric, progress_bar
 from .toolkit.hooks import frozen_parameters
-from .toolkit.metric import as_float
+from .toolkit.metric import as_float, metric_values
 from .edge_graph import (Edge, EdgeGraph, _image_mask, _is_edge, _is_vision, _no_tower_run, node_activations,
                          node_names, receiver_names)
 from .edge_patching import _edge_hooks
@@ -111,8 +111,8 @@ def receiver_gradients(model: "HookedVLM", inputs: dict[str, Any], metric: Metri
 
 def eap(
     model: "HookedVLM",
-    clean_inputs: dict[str, Any],
-    corrupt_inputs: dict[str, Any],
+    clean: dict[str, Any],
+    corrupt: dict[str, Any],
     metric: Metric,
     *,
     ig_steps: int | None = None,
@@ -134,13 +134,13 @@ def eap(
                          "(nor to decoder positions) one to one in every family, so per_prompt / per_position "
                          "cannot be combined with it")
     with model.hooks(fwd_hooks=list(fwd_hooks)):
-        clean_logits, acts_c = node_activations(model, clean_inputs, image_path=image_path)
-        corrupt_logits, acts_x = node_activations(model, corrupt_inputs, image_path=image_path)
+        clean_logits, acts_c = node_activations(model, clean, image_path=image_path)
+        corrupt_logits, acts_x = node_activations(model, corrupt, image_path=image_path)
         if ig_steps is not None:
-            _, cc = model.run_with_cache(**clean_inputs, names_filter=["hook_embed"])
-            _, cx = model.run_with_cache(**corrupt_inputs, names_filter=["hook_embed"])
+            _, cc = model.run_with_cache(**clean, names_filter=["hook_embed"])
+            _, cx = model.run_with_cache(**corrupt, names_filter=["hook_embed"])
             e_c, e_x = cc["hook_embed"], cx["hook_embed"]
-    clean, corrupt = as_float(metric(clean_logits)), as_float(metric(corrupt_logits))
+    clean_v, corrupt_v = metric_values(metric, clean_logits), metric_values(metric, corrupt_logits)
     nodes, recv = node_names(model, image_path=image_path), receiver_names(model, image_path=image_path)
     vnodes, vrecv = [u for u in nodes if _is_vision(u)], [v for v in recv if _is_vision(v)]
     for u in vnodes:
@@ -148,7 +148,7 @@ def eap(
             raise ValueError(f"{u}: the clean run gives shape {tuple(acts_c[u].shape)}, the corrupt run "
                              f"{tuple(acts_x[u].shape)}; image-path EAP needs the same image sizes / crops")
     if ig_steps is None:
-        _, grads = receiver_gradients(model, clean_inputs, metric, fwd_hooks=fwd_hooks, image_path=image_path)
+        _, grads = receiver_gradients(model, clean, metric, fwd_hooks=fwd_hooks, image_path=image_path)
         method = "EAP"
     else:
         if ig_steps < 1:
@@ -160,7 +160,7 @@ def eap(
                 v_c, v_x = acts_c["V.embed"], acts_x["V.embed"]
                 ve = v_c + (k / ig_steps) * (v_x - v_c)
                 hooks.append(("vision.blocks.0.hook_resid_pre", lambda x, hook=None, ve=ve: ve.to(x.device, x.dtype)))
-            _, g = receiver_gradients(model, clean_inputs, metric, embed=e_c + (k / ig_steps) * (e_x - e_c),
+            _, g = receiver_gradients(model, clean, metric, embed=e_c + (k / ig_steps) * (e_x - e_c),
                                       fwd_hooks=hooks, image_path=image_path)
             for v in recv:
                 grads[v] = g[v] if k == 0 else grads[v] + g[v]
@@ -175,20 +175,20 @@ def eap(
     valid = torch.tensor([[_is_edge(u, v, n) for v in drecv] for u in dnodes])
     scores = scores.masked_fill(~valid.view(*valid.shape, *[1] * (scores.ndim - 2)), float("nan"))
     if not per_prompt:
-        scores, clean, corrupt = scores.mean(2), clean.mean(), corrupt.mean()
+        scores, clean_v, corrupt_v = scores.mean(2), clean_v.mean(), corrupt_v.mean()
     if image_path:  # per_prompt / per_position are off: scores [U_dec, V_dec]
         vdiff = torch.stack([(acts_x[u] - acts_c[u]).flatten() for u in vnodes])  # [U_vis, N]
         vgrad = torch.stack([grads[v].flatten() for v in vrecv])  # [V_vis, N]
-        vscores = as_float((vdiff @ vgrad.to(vdiff.dtype).T) / clean_inputs["input_ids"].shape[0])
+        vscores = as_float((vdiff @ vgrad.to(vdiff.dtype).T) / clean["input_ids"].shape[0])
         vvalid = torch.tensor([[_is_edge(u, v, n) for v in vrecv] for u in vnodes])
         full = torch.full((len(nodes), len(recv)), float("nan"), dtype=scores.dtype)
         full[: len(vnodes), : len(vrecv)] = vscores.to(scores.dtype).masked_fill(~vvalid, float("nan"))
         full[len(vnodes) :, len(vrecv) :] = scores
         scores = full
-    return EdgeGraph(scores, nodes, recv, clean, corrupt, method, per_position=per_position)
+    return EdgeGraph(scores, nodes, recv, clean_v, corrupt_v, method, per_position=per_position)
 
 
-def eap_ig(model: "HookedVLM", clean_inputs: dict[str, Any], corrupt_inputs: dict[str, Any], metric: Metric,
+def eap_ig(model: "HookedVLM", clean: dict[str, Any], corrupt: dict[str, Any], metric: Metric,
            steps: int = 5, **kwargs: Any) -> EdgeGraph:
     """EAP-IG with `steps` interpolation steps (steps=1 is EAP)."""
-    return eap(model, clean_inputs, corrupt_inputs, metric, ig_steps=steps, **kwargs)
+    return eap(model, clean, corrupt, metric, ig_steps=steps, **kwargs)
