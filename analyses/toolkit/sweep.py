@@ -73,17 +73,11 @@ def patch_edit(name: str, source: Tensor, mask: Tensor | None,
                combine: Callable[[Tensor, Tensor], Tensor] | None = None) -> EditFn:
     """Edit replacing the entries of `mask` (None: all) by `source` (one copy of the activation), or by
     ``combine(source, act)`` there."""
-    cache: dict[tuple[int, Any], tuple[Tensor, Tensor | None]] = {}
-
-    def fn(act: Tensor, first: int) -> Tensor:
-        key = (first, act.device)
-        if key not in cache:
-            m = from_position(name, mask, first)
-            cache[key] = (from_position(name, source, first).to(act.device, act.dtype),
-                          None if m is None else m.to(act.device))
-        s, m = cache[key]
+    def fn(act: Tensor, first: int) -> Tensor:  # called once per forward: nothing is kept between chunks
+        s = from_position(name, source, first).to(act.device, act.dtype)
+        m = from_position(name, mask, first)
         new = s if combine is None else combine(s, act)
-        return new if m is None else torch.where(m, new, act)
+        return new if m is None else torch.where(m.to(act.device), new, act)
 
     return fn
 
