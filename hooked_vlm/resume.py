@@ -8,8 +8,9 @@ only, attending to the saved keys/values of positions `< p0`, for `n` copies of 
 positions `< p0` are the saved ones.
 
 Hooks registered on the model fire during `resume` as in a forward, but they see positions `p0..` only (and
-blocks `l..`): that is the point. `analyses.patching.patch_sweep` uses this for `blocks.*` sites (set
-``reuse_prefix=False`` to rerun everything); results equal full forwards up to float round-off (tested).
+blocks `l..`): that is the point. The analyses' sweep engine (`analyses.toolkit.sweep.run_sites`) resumes every
+sweep's decoder sites this way (``reuse_prefix=False`` reruns everything); results equal full forwards up to float
+round-off (tested).
 
 Worked example (one prompt, 1,000 tokens, 8 layers; patch resid_pre at layer 5, position 990): the forward runs
 3 blocks x 10 queries instead of 8 blocks x 1,000, and no vision tower.
