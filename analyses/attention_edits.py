@@ -5,7 +5,8 @@ Each builder returns a list of ``(hook name, fn)``; concatenate lists to combine
 
 * `reweight_hooks`: multiply the post-softmax attention from a query set to a key set by `factor`
   (``hook_pattern``). Without renormalisation the other weights keep their values (factor 0 is exactly
-  `narrow_gate.knockout_hooks`); with ``renormalize=True`` every edited query row is divided by its new sum.
+  `narrow_gate.knockout_hooks`); with ``renormalize=True`` every edited query row is divided by its new sum
+  (the one meaning of `renormalize` in every analysis: the edited rows sum to 1 again).
 * `temperature_hooks`: divide the attention scores by `temperature` before the softmax (``hook_attn_scores``);
   masked entries (causal / padding, at the dtype's minimum) are left alone, so they stay masked.
 * `steering_hooks` / `steer`: add ``alpha * vector`` to any hook's activation at chosen positions.
@@ -18,27 +19,25 @@ bit-exactness matters.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from ._hooks import as_position_mask, check_hook, hook_template, resolve_layers
+from .toolkit import as_positions, check_hook, hook_template, resolve_layers, tile
+
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
 
 Hooks = list[tuple[str, Callable]]
 
 
 def _mask(mask: Any, n_pos: int) -> Tensor | None:
-    m = as_position_mask(mask, n_pos)
+    m = as_positions(mask, n_pos)
     return None if m is None else (m[None] if m.ndim == 1 else m)
 
 
-def _tile(m: Tensor, b: int) -> Tensor:
-    if m.shape[0] == b:
-        return m
-    if b % m.shape[0]:
-        raise ValueError(f"a position mask for batch {m.shape[0]} does not fit a run of batch {b}")
-    return m.repeat(b // m.shape[0], 1)
+_tile = tile
 
 
 def _heads(heads: Any) -> list[int] | None:
@@ -60,7 +59,7 @@ def _qk_mask(queries: Any, keys: Any, heads: list[int] | None, shape: Sequence[i
     return m.to(device)
 
 
-def reweight_hooks(model: Any, queries: Any, keys: Any, factor: float, layers: Any = None, heads: Any = None,
+def reweight_hooks(model: "HookedVLM", queries: Any, keys: Any, factor: float, layers: Any = None, heads: Any = None,
                    renormalize: bool = False, hook: str = "pattern") -> Hooks:
     """pattern[b, h, q, k] *= factor where queries[b, q] & keys[b, k] (None = all) and h is a chosen head, at
     the chosen layers (default all). ``renormalize=True`` then divides each edited query row by its sum, so the
@@ -83,7 +82,7 @@ def reweight_hooks(model: Any, queries: Any, keys: Any, factor: float, layers: A
     return [(template.format(layer=l), fn) for l in resolve_layers(model, template, layers)]
 
 
-def temperature_hooks(model: Any, temperature: float, layers: Any = None, heads: Any = None, queries: Any = None,
+def temperature_hooks(model: "HookedVLM", temperature: float, layers: Any = None, heads: Any = None, queries: Any = None,
                       hook: str = "attn_scores") -> Hooks:
     """scores[b, h, q, :] /= temperature for the chosen layers, heads and query positions (None = all) before
     the softmax. >1 flattens, <1 sharpens the attention. Masked scores (<= half the dtype's minimum) are kept."""
@@ -102,7 +101,7 @@ def temperature_hooks(model: Any, temperature: float, layers: Any = None, heads:
     return [(template.format(layer=l), fn) for l in resolve_layers(model, template, layers)]
 
 
-def steering_hooks(model: Any, hook: str, vector: Tensor, positions: Any = None, alpha: float = 1.0,
+def steering_hooks(model: "HookedVLM", hook: str, vector: Tensor, positions: Any = None, alpha: float = 1.0,
                    layers: Any = None) -> Hooks:
     """Add ``alpha * vector`` to the activation of `hook` at `positions` (bool [batch, pos] / [pos] / ints;
     None = every position). `hook`: full name, short kind or ``{layer}`` template (then at `layers`, default all).
@@ -127,20 +126,20 @@ def steering_hooks(model: Any, hook: str, vector: Tensor, positions: Any = None,
     return [(name, fn) for name in names]
 
 
-def run_with_edits(model: Any, inputs: dict[str, Any], *edits: Hooks) -> Tensor:
+def run_with_edits(model: "HookedVLM", inputs: dict[str, Any], *edits: Hooks) -> Tensor:
     """Logits of one forward with every given hook list applied (lists are concatenated, in order)."""
     hooks = [h for edit in edits for h in edit]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         return model(**inputs)
 
 
-def steer(model: Any, inputs: dict[str, Any], hook: str, vector: Tensor, positions: Any = None,
+def steer(model: "HookedVLM", inputs: dict[str, Any], hook: str, vector: Tensor, positions: Any = None,
           alpha: float = 1.0, layers: Any = None, extra: Hooks = ()) -> Tensor:
     """Logits with ``alpha * vector`` added at `hook` / `positions` (see `steering_hooks`), plus `extra` hooks."""
     return run_with_edits(model, inputs, steering_hooks(model, hook, vector, positions, alpha, layers), list(extra))
 
 
-def steering_vector(model: Any, inputs_a: dict[str, Any], inputs_b: dict[str, Any], hook: str,
+def steering_vector(model: "HookedVLM", inputs_a: dict[str, Any], inputs_b: dict[str, Any], hook: str,
                     positions: Any = None) -> Tensor:
     """Mean activation difference a - b at `hook` (full name) over the prompts and the chosen positions
     (bool [batch, pos] / [pos]; None = all): a [d...] vector for `steer` (difference-of-means steering)."""

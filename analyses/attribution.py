@@ -19,15 +19,19 @@ Per-prompt gradients come from one backward of the summed metric: prompts in a b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from ._hooks import HEAD_FIRST, HEAD_THIRD, as_float, check_hook, frozen_parameters, hook_template, resolve_layers
-from .patching import DIRECTIONS
+from .toolkit.hooks import HEAD_FIRST, HEAD_THIRD, check_hook, frozen_parameters, hook_template, resolve_layers
+from .toolkit.metric import as_float, check_metric_output, metric_values
+from .toolkit.inputs import DIRECTIONS
+from .toolkit import Metric
 
-Metric = Callable[[Tensor], Tensor]
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
+
 
 
 @dataclass
@@ -61,7 +65,7 @@ def _leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _names(model: Any, hooks: Sequence[str], layers: Any) -> dict[str, list[str]]:
+def _names(model: "HookedVLM", hooks: Sequence[str], layers: Any) -> dict[str, list[str]]:
     """kind -> hook names (one per layer, or one for a plain hook name)."""
     out: dict[str, list[str]] = {}
     for kind in hooks:
@@ -87,7 +91,7 @@ def _capture_hooks(store: dict[str, Tensor]) -> Callable:
 
 
 def gradients(
-    model: Any, inputs: dict[str, Any], metric: Metric, names: Sequence[str]
+    model: "HookedVLM", inputs: dict[str, Any], metric: Metric, names: Sequence[str]
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """One forward with the graph kept and one backward of sum(metric).
 
@@ -110,9 +114,9 @@ def gradients(
 
 
 def attribution_patching(
-    model: Any,
-    clean_inputs: dict[str, Any],
-    corrupt_inputs: dict[str, Any],
+    model: "HookedVLM",
+    clean: dict[str, Any],
+    corrupt: dict[str, Any],
     metric: Metric,
     *,
     hooks: Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "z"),
@@ -140,12 +144,12 @@ def attribution_patching(
         if _leaf(names[0]) in HEAD_FIRST:
             raise ValueError(f"{kind}: attribution over attention patterns is not supported (use z or result)")
     all_names = [n for names in kinds.values() for n in names]
-    base_inputs, grad_inputs = (clean_inputs, corrupt_inputs) if direction == "denoise" else (corrupt_inputs, clean_inputs)
+    base_inputs, grad_inputs = (clean, corrupt) if direction == "denoise" else (corrupt, clean)
     with torch.no_grad():
         base_logits, cache = model.run_with_cache(**base_inputs, names_filter=all_names)
-        base_metric = as_float(metric(base_logits))
+        base_metric = metric_values(metric, base_logits)
     grad_metric, acts, grads = gradients(model, grad_inputs, metric, all_names)
-    grad_metric = as_float(grad_metric)
+    grad_metric = as_float(check_metric_output(grad_metric, int(grad_inputs["input_ids"].shape[0]), metric))
     clean, corrupt = (base_metric, grad_metric) if direction == "denoise" else (grad_metric, base_metric)
 
     scores: dict[str, Tensor] = {}

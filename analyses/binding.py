@@ -19,30 +19,30 @@ Shapes organism helpers (`shapes_slots`, `shapes_factorizability`, ...) build th
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from analyses.heads import run_cached, transplant, word_positions
-from analyses.metrics import final_logits
+from .metrics import final_logits
+from .toolkit import Metric, act_name, run_cached, transplant
 from hooked_vlm.components.rotary import apply_rotary
 
-Metric = Callable[[Tensor], Tensor]
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
 
 
-def resid_names(model: Any, kind: str = "resid_pre") -> list[str]:
+
+def resid_names(model: "HookedVLM", kind: str = "resid_pre") -> list[str]:
     """`blocks.{l}.hook_{kind}` for every layer."""
-    return [f"blocks.{l}.hook_{kind}" for l in range(model.cfg.n_layers)]
+    return [act_name(kind, l) for l in range(model.cfg.n_layers)]
 
 
 @torch.no_grad()
 def run_with_resid(
-    model: Any, inputs: dict[str, Any], targets: dict[str, Tensor], mask: Bool[Tensor, "batch pos"],
+    model: "HookedVLM", inputs: dict[str, Any], targets: dict[str, Tensor], mask: Bool[Tensor, "batch pos"],
     metric: Metric | None = None,
 ) -> Tensor:
     """Run with every hook in `targets` set to targets[name] [batch, pos, d] at the positions in mask."""
@@ -67,7 +67,7 @@ def _or(*masks: Tensor | None) -> Tensor:
 # ----------------------------------------------------------------------------------- factorizability
 @torch.no_grad()
 def swap_slot(
-    model: Any,
+    model: "HookedVLM",
     inputs: dict[str, Any],
     source: dict[str, Any],
     slot: Bool[Tensor, "batch pos"],
@@ -104,7 +104,7 @@ def read_answers(logits: Tensor, answers: Int[Tensor, "n_answers batch"], attent
 
 @torch.no_grad()
 def factorizability(
-    model: Any,
+    model: "HookedVLM",
     queries: Sequence[dict[str, Any]],
     answers: Int[Tensor, "n_answers batch"],
     source: dict[str, Any] | None = None,
@@ -163,7 +163,7 @@ def rotation(rotary: Any, delta_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor
 
 @torch.no_grad()
 def rerotate_keys(
-    model: Any,
+    model: "HookedVLM",
     inputs: dict[str, Any],
     shifts: Sequence[tuple[Bool[Tensor, "batch pos"], Any]],
     metric: Metric | None = None,
@@ -189,7 +189,7 @@ def rerotate_keys(
         cos, sin = rot[k.dtype, k.device]
         return torch.where(moved.to(k.device)[..., None, None], apply_rotary(k, cos, sin), k)
 
-    with model.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_rot_k", hook) for l in layers]):
+    with model.hooks(fwd_hooks=[(act_name("rot_k", l), hook) for l in layers]):
         logits = model(**inputs)
     return logits if metric is None else metric(logits)
 
@@ -204,7 +204,7 @@ def _first_position_ids(position_ids: Tensor, mask: Tensor) -> Tensor:
 
 @torch.no_grad()
 def position_swap(
-    model: Any,
+    model: "HookedVLM",
     inputs: dict[str, Any],
     slot_a: Bool[Tensor, "batch pos"],
     slot_b: Bool[Tensor, "batch pos"],
@@ -222,7 +222,7 @@ def position_swap(
 # ------------------------------------------------------------------------------------- mean interventions
 @torch.no_grad()
 def slot_means(
-    model: Any, inputs: dict[str, Any], slots: Sequence[Bool[Tensor, "batch pos"]],
+    model: "HookedVLM", inputs: dict[str, Any], slots: Sequence[Bool[Tensor, "batch pos"]],
     hook_names: Sequence[str] | None = None,
 ) -> Float[Tensor, "n_slots n_hooks d_model"]:
     """Mean residual of each slot (its positions of all prompts pooled) at each hook."""
@@ -233,7 +233,7 @@ def slot_means(
 
 
 def binding_deltas(
-    model: Any, inputs: dict[str, Any], slot0: Tensor, slot1: Tensor, hook_names: Sequence[str] | None = None
+    model: "HookedVLM", inputs: dict[str, Any], slot0: Tensor, slot1: Tensor, hook_names: Sequence[str] | None = None
 ) -> Float[Tensor, "n_hooks d_model"]:
     """Delta = mean(slot 1) - mean(slot 0) per hook (the difference of binding IDs, content averaged out)."""
     m = slot_means(model, inputs, [slot0, slot1], hook_names)
@@ -248,7 +248,7 @@ def random_deltas(delta: Float[Tensor, "n_hooks d_model"], seed: int = 0) -> Ten
 
 @torch.no_grad()
 def mean_intervention(
-    model: Any,
+    model: "HookedVLM",
     inputs: dict[str, Any],
     slot0: Bool[Tensor, "batch pos"],
     slot1: Bool[Tensor, "batch pos"],
@@ -269,177 +269,6 @@ def mean_intervention(
         d = d.to(x.device, x.dtype)
         targets[n] = x + slot0.to(x.device)[..., None] * d - slot1.to(x.device)[..., None] * d
     return run_with_resid(model, inputs, targets, _or(slot0, slot1, freeze), metric)
-
-
-# ------------------------------------------------------------------------------------- Shapes organism
-def slot_objects(scene: Any, order: str = "mention") -> tuple[int, int]:
-    """Object index of slot 0 and slot 1: in mention order (the k-th object the context names) or in image
-    order (slot k = the object in block k: upper-left 0, lower-right 1)."""
-    if order == "mention":
-        return tuple(scene.mention_order)
-    if order == "position":
-        return tuple(sorted(range(2), key=lambda i: scene.slots[i]))
-    raise ValueError(f"order must be 'mention' or 'position', got {order!r}")
-
-
-def shapes_slots(model: Any, inputs: dict[str, Any], scenes: Sequence[Any], layout: Any = None,
-                 image_size: tuple[int, int] | None = None, order: str = "mention") -> dict[str, list[Tensor]]:
-    """{"object": [slot0, slot1], "colour": [...], "item": [...]} masks for Shapes prompts (one scene, or
-    Sample, per prompt); slot k = the k-th entity the context mentions (order="mention") or the object in
-    image block k (order="position"): its image tokens (patch centres inside scene.boxes, via layout.in_box),
-    its colour word and its item letter (first occurrences: in the context).
-    image_size: (width, height) in pixels, default the organism's."""
-    from hooked_vlm.organism.shapes import IMAGE_SIZE
-
-    if layout is not None:
-        layout.check_inputs(inputs["input_ids"])  # a layout of other prompts would select wrong tokens silently
-    layout = layout or model.layout(inputs)
-    scenes = [getattr(s, "scene", s) for s in scenes]
-    w, h = image_size or (IMAGE_SIZE, IMAGE_SIZE)
-    ids = inputs["input_ids"]
-    out: dict[str, list[Tensor]] = {"object": [], "colour": [], "item": []}
-    for k in range(2):
-        objs = [slot_objects(sc, order)[k] for sc in scenes]
-        obj = torch.zeros(layout.shape, dtype=torch.bool)
-        for bi, (sc, i) in enumerate(zip(scenes, objs)):
-            x0, y0, x1, y1 = sc.boxes[i]
-            obj[bi] = layout.in_box(x0 / w, y0 / h, x1 / w, y1 / h)[bi]
-        out["object"].append(obj)
-        out["colour"].append(word_positions(model, ids, [sc.colours[i] for sc, i in zip(scenes, objs)], 0))
-        out["item"].append(word_positions(model, ids, [sc.items[i] for sc, i in zip(scenes, objs)], 0))
-    return out
-
-
-def shapes_context(model: Any, inputs: dict[str, Any]) -> Bool[Tensor, "batch pos"]:
-    """The image and the text context (every real position up to the context's second '.')."""
-    end = word_positions(model, inputs["input_ids"], ".", occurrence=1).int().argmax(1)
-    pos = torch.arange(inputs["input_ids"].shape[1])
-    return (pos[None] <= end[:, None]) & inputs["attention_mask"].bool().cpu()
-
-
-def disjoint_scene(scene: Any, rng: np.random.Generator) -> Any:
-    """A second context c' for `scene`: other shapes, colours and items, same boxes and mention order, so that
-    slot k of both sits at the same positions."""
-    from hooked_vlm.organism import COLOURS, ITEMS, SHAPES
-
-    def pick(pool: Sequence[str], used: Sequence[str]) -> tuple[str, str]:
-        free = [x for x in pool if x not in used]
-        a, b = rng.choice(len(free), size=2, replace=False)
-        return free[int(a)], free[int(b)]
-
-    return replace(scene, shapes=pick(SHAPES, scene.shapes), colours=pick(COLOURS, scene.colours),
-                   items=pick(ITEMS, scene.items))
-
-
-def _shape_query(scene: Any, context_scene: Any, obj: int) -> str:
-    from hooked_vlm.organism.shapes import query_text
-
-    return f"<image> {context_scene.context()} {query_text(scene, 'shape_item', obj)[0]}"
-
-
-def _encode(model: Any, images: list, texts: list[str]) -> dict[str, Any]:
-    return dict(model.processor(images=images, text=texts, padding=True, return_tensors="pt"))
-
-
-@torch.no_grad()
-def shapes_factorizability(
-    model: Any, n: int = 32, seed: int = 0, kinds: Sequence[str] = ("object", "colour", "item"),
-    readout: str = "choice", frozen_context: bool = True,
-) -> tuple[dict[str, Tensor], list[str], list[str]]:
-    """Factorizability matrices on the Shapes organism: n scene pairs (c, c') with disjoint attributes; for each
-    slot kind, slot 0 of c swapped with slot 0 of c' at all layers. Rows: questions about O0, O1, O'0, O'1
-    (asked in context c); columns: answers I0, I1, I'0, I'1. Key "none" is the unedited matrix."""
-    from hooked_vlm.organism import ShapesGenerator, render
-
-    gen = ShapesGenerator(seed)
-    rng = np.random.default_rng(seed + 1)
-    cs = [gen.scene() for _ in range(n)]
-    cps = [disjoint_scene(c, rng) for c in cs]
-    images = [render(c) for c in cs]
-    tok = model.tokenizer
-    # queries: about the k-th mentioned object of c, then of c'
-    queries, slot_sets = [], []
-    for sc_list, k in [(cs, 0), (cs, 1), (cps, 0), (cps, 1)]:
-        texts = [_shape_query(s, c, s.mention_order[k]) for s, c in zip(sc_list, cs)]
-        q = _encode(model, images, texts)
-        queries.append(q)
-    answers = torch.tensor([[tok.convert_tokens_to_ids(s.items[s.mention_order[k]]) for s in sc_list]
-                            for sc_list, k in [(cs, 0), (cs, 1), (cps, 0), (cps, 1)]])
-    source = _encode(model, [render(c) for c in cps], [_shape_query(c, c, c.mention_order[0]) for c in cps])
-    src_slots = shapes_slots(model, source, cps)
-    out = {"none": factorizability(model, queries, answers, readout=readout)}
-    for kind in kinds:
-        slots = [shapes_slots(model, q, cs)[kind][0] for q in queries]
-        freeze = [shapes_context(model, q) for q in queries] if frozen_context else None
-        out[kind] = factorizability(model, queries, answers, source, slots, src_slots[kind][0], freeze,
-                                    readout=readout)
-    labels = ["O0", "O1", "O'0", "O'1"], ["I0", "I1", "I'0", "I'1"]
-    return out, *labels
-
-
-def _shape_prompts(model: Any, scenes: Sequence[Any], objs: Sequence[int]) -> dict[str, Any]:
-    from hooked_vlm.organism import render
-
-    return _encode(model, [render(s) for s in scenes], [_shape_query(s, s, i) for s, i in zip(scenes, objs)])
-
-
-@torch.no_grad()
-def shapes_mean_intervention(
-    model: Any, kinds: Sequence[str] = ("object", "colour", "item"), n_fit: int = 64, n_eval: int = 32,
-    seed: int = 0, order: str = "mention", frozen_context: bool = False, control_seed: int = 0,
-) -> dict[str, dict[str, float]]:
-    """Mean interventions on Shapes: Delta_kind = mean(slot 1) - mean(slot 0) per layer over n_fit prompts; on
-    n_eval other prompts asking about the slot-0 object (answer I0), slot 0 += Delta and slot 1 -= Delta at
-    every layer. Returns {kind: {"swapped": fraction answering I1, "kept": fraction answering I0,
-    "random_swapped": the same with a same-norm random Delta}} plus "none" (no intervention)."""
-    from analyses.metrics import Accuracy
-    from hooked_vlm.organism import ShapesGenerator
-
-    gen = ShapesGenerator(seed)
-    fit = [gen.scene() for _ in range(n_fit)]
-    ev = [gen.scene() for _ in range(n_eval)]
-    fit_in = _shape_prompts(model, fit, [slot_objects(s, order)[0] for s in fit])
-    ev_in = _shape_prompts(model, ev, [slot_objects(s, order)[0] for s in ev])
-    fit_slots, ev_slots = shapes_slots(model, fit_in, fit, order=order), shapes_slots(model, ev_in, ev, order=order)
-    tok = model.tokenizer
-    ids = [torch.tensor([tok.convert_tokens_to_ids(s.items[slot_objects(s, order)[k]]) for s in ev]) for k in (0, 1)]
-    mask = ev_in.get("attention_mask")
-    kept, swapped = Accuracy(ids[0], mask), Accuracy(ids[1], mask)
-    freeze = shapes_context(model, ev_in) if frozen_context else None
-    logits = model(**ev_in)
-    out = {"none": {"swapped": float(swapped(logits).mean()), "kept": float(kept(logits).mean())}}
-    for kind in kinds:
-        delta = binding_deltas(model, fit_in, fit_slots[kind][0], fit_slots[kind][1])
-        res = {}
-        for name, d in (("", delta), ("random_", random_deltas(delta, control_seed))):
-            logits = mean_intervention(model, ev_in, ev_slots[kind][0], ev_slots[kind][1], d, freeze=freeze)
-            res[name + "swapped"] = float(swapped(logits).mean())
-            res[name + "kept"] = float(kept(logits).mean())
-        out[kind] = res
-    return out
-
-
-@torch.no_grad()
-def shapes_position_swap(
-    model: Any, kind: str = "object", n: int = 32, seed: int = 0,
-    fractions: Sequence[float | int] = (0.0, 0.25, 0.5, 0.75, 1.0), order: str = "mention",
-) -> dict[str, list[float]]:
-    """Position independence on Shapes: the keys of slot 0 and slot 1 (`kind`) re-rotated toward each other's
-    positions by each fraction, at every layer; questions about the slot-0 object. Returns the fraction of
-    answers that stay I0 ("kept") and that become I1 ("swapped"), per fraction."""
-    from analyses.metrics import Accuracy
-    from hooked_vlm.organism import ShapesGenerator
-
-    gen = ShapesGenerator(seed)
-    scenes = [gen.scene() for _ in range(n)]
-    inputs = _shape_prompts(model, scenes, [slot_objects(s, order)[0] for s in scenes])
-    slots = shapes_slots(model, inputs, scenes, order=order)[kind]
-    tok = model.tokenizer
-    ids = [torch.tensor([tok.convert_tokens_to_ids(s.items[slot_objects(s, order)[k]]) for s in scenes]) for k in (0, 1)]
-    mask = inputs.get("attention_mask")
-    runs = position_swap(model, inputs, slots[0], slots[1], fractions)
-    return {"kept": [float(Accuracy(ids[0], mask)(r).mean()) for r in runs],
-            "swapped": [float(Accuracy(ids[1], mask)(r).mean()) for r in runs]}
 
 
 # ------------------------------------------------------------------------------------------------ plots

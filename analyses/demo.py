@@ -15,11 +15,11 @@ import torch
 from hooked_vlm import HookedVLM
 from hooked_vlm.organism import ORGANISM_DIR, ShapesGenerator, load_organism, organism_dir
 
-from . import attribution, binding, generated, ground_truth, heads, narrow_gate, patching, plots, spatial
-from ._progress import progress_bar
+from . import attribution, binding, generated, ground_truth, heads, narrow_gate, patching, plots, spatial, tasks
+from .toolkit import progress_bar
 from .metrics import LogitDiff
 from .report import Report
-from .tasks import Batch, encode, predictions
+from .tasks import Batch, encode, predictions, shapes_described_positions
 
 QUERY_NAMES = {"shape_item": "shape -> item", "colour_item": "colour -> item (text only)",
                "shape_colour": "shape -> colour (image only)", "scene": "scene description -> other colour"}
@@ -135,9 +135,10 @@ def heads_section(model: HookedVLM, report: Report, n: int, seed: int, scene_lay
     # ID retrieval / selection: the counterfactual swaps object positions; a1* is the answer position IDs would give
     clean, cf = _pairs(model, n, seed + 19, "swap_positions", "scene", scene_layout)
     ld = LogitDiff(clean.wrong, clean.answer, clean.inputs["attention_mask"])
-    obj = heads.shapes_described_positions(model, clean.inputs, clean.samples)
+    obj = shapes_described_positions(model, clean.inputs, clean.samples)
     presets["ID retrieval (swap positions; described-object tokens)"] = heads.id_retrieval_scores(
-        model, clean.inputs, cf.inputs, ld, obj, heads.shapes_described_positions(model, cf.inputs, cf.samples))
+        model, clean.inputs, cf.inputs, ld, positions=obj,
+        corrupt_positions=shapes_described_positions(model, cf.inputs, cf.samples))
     presets["ID selection (swap positions; final token)"] = heads.id_selection_scores(model, clean.inputs, cf.inputs, ld)
     clean, cf = _pairs(model, n, seed + 23, "change_colour", "shape_colour", scene_layout)
     presets["feature retrieval (change colour; final token)"] = heads.feature_retrieval_scores(
@@ -181,8 +182,8 @@ def heads_section(model: HookedVLM, report: Report, n: int, seed: int, scene_lay
 
 
 def binding_section(model: HookedVLM, report: Report, n: int, seed: int) -> dict[str, Any]:
-    matrices, row_labels, col_labels = binding.shapes_factorizability(model, n=min(n, 16), seed=seed)
-    mean = binding.shapes_mean_intervention(model, n_fit=min(n, 32), n_eval=min(n, 16), seed=seed)
+    matrices, row_labels, col_labels = tasks.shapes_factorizability(model, n=min(n, 16), seed=seed)
+    mean = tasks.shapes_mean_intervention(model, n_fit=min(n, 32), n_eval=min(n, 16), seed=seed)
     rows = [dict(delta=k, swapped=v.get("swapped", float("nan")), kept=v.get("kept", float("nan")),
                  random_control_swapped=v.get("random_swapped", float("nan"))) for k, v in mean.items()]
     report.add("Binding IDs: factorizability and mean interventions",
@@ -206,7 +207,7 @@ def spatial_section(model: HookedVLM, report: Report, n: int, seed: int, scene_l
     hooks_ = ["hook_embed"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
     acc = {}
     for attribute in ("colour", "shape", "block"):
-        labels = spatial.shapes_token_labels(model, batch.inputs, scenes, attribute, layout)
+        labels = tasks.shapes_token_labels(model, batch.inputs, scenes, attribute, layout)
         res = spatial.probe_hooks(model, batch.inputs, hooks_, layout.image_positions(), labels, seed=seed)
         acc[attribute] = {h.replace("blocks.", "L").replace(".hook_resid_post", ""): r.test_acc for h, r in res.items()}
     clean, cf = _pairs(model, min(n, 64), seed + 37, "swap_shapes", "shape_item", scene_layout)

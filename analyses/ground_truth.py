@@ -9,10 +9,14 @@ score matrices.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+from .toolkit import act_name
+
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
 
 Head = tuple[int, int]
 
@@ -43,7 +47,7 @@ def top_k(scores: Tensor, k: int) -> list[Head]:
     return [(int(i) // n_heads, int(i) % n_heads) for i in flat.argsort(descending=True, stable=True)[:k]]
 
 
-def ablate_heads_accuracy(model: Any, inputs: dict[str, Any], heads: Sequence[Head], accuracy: Callable[[Tensor], Tensor]) -> float:
+def ablate_heads_accuracy(model: "HookedVLM", inputs: dict[str, Any], heads: Sequence[Head], accuracy: Callable[[Tensor], Tensor]) -> float:
     """Accuracy with the chosen heads' outputs (hook_z) set to zero at every position."""
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
@@ -54,7 +58,7 @@ def ablate_heads_accuracy(model: Any, inputs: dict[str, Any], heads: Sequence[He
         z[:, :, idx] = 0
         return z
 
-    hooks = [(f"blocks.{l}.attn.hook_z", lambda z, hook, idx=idx: zero(z, hook, idx)) for l, idx in by_layer.items()]
+    hooks = [(act_name("z", l), lambda z, hook, idx=idx: zero(z, hook, idx)) for l, idx in by_layer.items()]
     with torch.no_grad():
         return float(accuracy(model.run_with_hooks(**inputs, fwd_hooks=hooks)).mean())
 
@@ -78,7 +82,7 @@ def swap_items_pairs(n: int, seed: int, query: str = "shape_item", layout: str =
     return out
 
 
-def circuit_methods(model: Any, clean: Any, cf: Any) -> dict[str, Callable[[], Tensor]]:
+def circuit_methods(model: "HookedVLM", clean: Any, cf: Any) -> dict[str, Callable[[], Tensor]]:
     """The methods compared, each a thunk giving [layer, head] importance (larger = more important) for the
     (clean, counterfactual) Batches from analyses.tasks.encode."""
     from . import attribution, heads, patching
@@ -102,7 +106,7 @@ def circuit_methods(model: Any, clean: Any, cf: Any) -> dict[str, Callable[[], T
     }
 
 
-def bench_circuits(model: Any, record: dict[str, Any], n: int = 64, seed: int = 0, n_random: int = 20) -> list[dict[str, Any]]:
+def bench_circuits(model: "HookedVLM", record: dict[str, Any], n: int = 64, seed: int = 0, n_random: int = 20) -> list[dict[str, Any]]:
     """Every method on two counterfactuals of the shape -> item query: an image one (shapes swapped) and a text
     one (items swapped in the context). One row per (counterfactual, method)."""
     from hooked_vlm.organism import ShapesGenerator
@@ -134,7 +138,7 @@ def rows_to_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def evaluate_methods(
-    model: Any,
+    model: "HookedVLM",
     methods: dict[str, Callable[[], Tensor]],
     planted: Sequence[Head],
     inputs: dict[str, Any],

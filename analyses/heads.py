@@ -16,14 +16,13 @@ With `metric = LogitDiff(answer=a1*, wrong=a1)` this is `metric(patched) - metri
 Which a1* to use: swapping positions leaves the correct answer unchanged, so for the two ID presets a1* is the
 answer the clean scene gives if the position IDs are exchanged, i.e. the other object's feature (for the
 Shapes "scene" query, `Sample.wrong`: the described object's own colour). For feature retrieval a1* is the
-counterfactual's answer. `shapes_described_positions` gives the described-object tokens of Shapes prompts.
+counterfactual's answer. `analyses.tasks.shapes_described_positions` gives the described-object tokens of Shapes prompts.
 
-Heads are batched through the batch dimension: the clean inputs are repeated n times (`repeat_inputs`) and slice
-j of the big batch patches the j-th (layer, head) of the chunk. `transplant_sweep` is that machinery for any list of
-(hook name, head index or None) patches; `analyses.spatial.last_token_patching` reuses it per layer. It differs
-from `analyses.patching.patch_sweep` on purpose: the source run may have another length, and positions are
-transplanted (source_positions -> positions), as the papers' protocol needs when the counterfactual prompt
-describes another object; `patch_sweep` needs equal shapes and in return reuses the clean prefix.
+Heads run on the sweep engine (`analyses.toolkit.sweep`): batched through the batch dimension and resumed from
+one saved clean run at each head's layer and the first patched position. `transplant_sweep` is that for any
+list of (hook name, head index or None) patches. Unlike `analyses.patching.patch_sweep` the source run may have
+another length: positions are transplanted (source_positions -> positions), as the papers' protocol needs when
+the counterfactual prompt describes another object.
 
 Mathematical facts the tests check: patching with the clean run itself gives zero; swapping the two answers
 flips the sign (s is linear in the logit difference); batched equals looped. Swapping the ROLES of c1 and c1*
@@ -34,164 +33,28 @@ toward the other run's answer).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from hooked_vlm.batching import batch_size, repeat_inputs
+from .toolkit import Metric, act_name, metric_values, run_cached, transplant_sweep
 
-Metric = Callable[[Tensor], Tensor]
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
+
+Inputs = dict[str, Any]
 Head = tuple[int, int]
-Patch = tuple[str, "int | None"]  # (hook name, head index on dim 2, or None for the whole activation)
 
 
-# ------------------------------------------------------------------------------------------- small tools
-def z_name(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
-
-
-def resid_name(layer: int, kind: str = "resid_pre") -> str:
-    return f"blocks.{layer}.hook_{kind}"
-
-
-@torch.no_grad()
-def run_cached(model: Any, inputs: dict[str, Any], names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
-    """(logits, {hook name: activation}) for the given hook names, in one forward pass."""
-    store: dict[str, Tensor] = {}
-
-    def save(x: Tensor, hook: Any) -> None:
-        store[hook.name] = x.detach()
-
-    with model.hooks(fwd_hooks=[(n, save) for n in dict.fromkeys(names)]):
-        logits = model(**inputs)
-    missing = set(names) - set(store)
-    if missing:
-        raise ValueError(f"these hooks never ran: {sorted(missing)}")
-    return logits, store
-
-
-def transplant(
-    dst: Tensor, src: Tensor, dst_mask: Bool[Tensor, "batch pos"], src_mask: Bool[Tensor, "batch pos2"] | None = None
-) -> Tensor:
-    """Copy of `dst` [batch, pos, ...] with the positions in dst_mask taken, in order, from src [batch, pos2, ...]
-    at src_mask (default: the same mask). Each prompt must select as many positions in both masks."""
-    src_mask = dst_mask if src_mask is None else src_mask
-    dst_mask, src_mask = dst_mask.to(dst.device), src_mask.to(src.device)
-    if dst_mask.shape != dst.shape[:2] or src_mask.shape != src.shape[:2]:
-        raise ValueError(f"masks {tuple(dst_mask.shape)} / {tuple(src_mask.shape)} do not match activations "
-                         f"{tuple(dst.shape[:2])} / {tuple(src.shape[:2])} (batch, pos)")
-    nd, ns = dst_mask.sum(1), src_mask.sum(1)
-    if not torch.equal(nd.cpu(), ns.cpu()):
-        raise ValueError(f"destination and source positions differ in number per prompt: {nd.tolist()} vs {ns.tolist()}")
-    out = dst.clone()
-    out[dst_mask] = src[src_mask].to(dst.device, dst.dtype)
-    return out
-
-
-def word_positions(
-    model: Any, input_ids: Tensor, words: str | Sequence[str | Sequence[str]], occurrence: int | None = None
-) -> Bool[Tensor, "batch pos"]:
-    """Token positions of a word (or several) in each prompt, as a boolean mask [batch, pos].
-
-    `words`: one word for every prompt, or one entry per prompt (a word or a list of words). A word is looked up
-    as the token sequence of `word` and of `" " + word` (BPE tokenizers mark the leading space), so multi-token
-    words mark all their tokens. `occurrence`: None = every match, k = the k-th match (negative from the end).
-    Raises if a prompt has no match.
-    """
-    tok = getattr(model, "tokenizer", model)
-    ids = input_ids.cpu()
-    b = ids.shape[0]
-    per = [words] * b if isinstance(words, str) else list(words)
-    if len(per) != b:
-        raise ValueError(f"expected one word (or list of words) per prompt: {b} prompts, {len(per)} entries")
-    out = torch.zeros(ids.shape, dtype=torch.bool)
-    for bi, entry in enumerate(per):
-        for word in [entry] if isinstance(entry, str) else entry:
-            variants = {tuple(tok(v, add_special_tokens=False)["input_ids"]) for v in (word, " " + word)}
-            unk = getattr(tok, "unk_token_id", None)
-            variants = {v for v in variants if v and unk not in v}
-            row = ids[bi].tolist()
-            starts = sorted({(s, len(v)) for v in variants for s in range(len(row) - len(v) + 1)
-                             if tuple(row[s:s + len(v)]) == v})
-            if not starts:
-                raise ValueError(f"prompt {bi}: word {word!r} (token ids {sorted(variants)}) not found")
-            chosen = starts if occurrence is None else [starts[occurrence]]
-            for s, n in chosen:
-                out[bi, s:s + n] = True
-    return out
-
-
-def final_positions(model: Any, inputs: dict[str, Any]) -> Bool[Tensor, "batch pos"]:
+def final_positions(model: "HookedVLM", inputs: dict[str, Any]) -> Bool[Tensor, "batch pos"]:
     return model.layout(inputs).final_token()
 
 
-def shapes_described_positions(model: Any, inputs: dict[str, Any], samples: Sequence[Any]) -> Bool[Tensor, "batch pos"]:
-    """Tokens that describe the object a Shapes prompt asks about (ID-retrieval heads patch here): the colour and
-    shape words of the described object for "scene" prompts, the shape word (both mentions) for shape queries,
-    the question's colour word for colour_item (its last mention; the first is in the context)."""
-    ids = inputs["input_ids"]
-    rows = []
-    for bi, s in enumerate(samples):
-        sc, t = s.scene, s.target
-        if s.query == "scene":
-            words, occurrence = [sc.colours[1 - t], sc.shapes[1 - t]], None
-        elif s.query in ("shape_item", "shape_colour"):
-            words, occurrence = [sc.shapes[t]], None
-        else:
-            words, occurrence = [sc.colours[t]], -1
-        rows.append(word_positions(model, ids[bi:bi + 1], [words], occurrence))
-    return torch.cat(rows)
-
-
 # ------------------------------------------------------------------------------------- batched patching
-@torch.no_grad()
-def transplant_sweep(
-    model: Any,
-    inputs: dict[str, Any],
-    source: dict[str, Tensor],
-    patches: Sequence[Patch],
-    metric: Metric,
-    positions: Bool[Tensor, "batch pos"],
-    source_positions: Bool[Tensor, "batch pos2"] | None = None,
-    chunk_size: int = 16,
-) -> Float[Tensor, "n_patches batch"]:
-    """metric of the run on `inputs` with ONE patch applied, for every patch in `patches`.
-
-    `source` maps hook names to activations of the source (counterfactual) run [batch, pos2, ...]; a patch
-    (name, head) copies source[name] at source_positions into the run at `positions`, on dim 2 index `head`
-    (or the whole vector when head is None). Patches are batched: each forward repeats the prompts `chunk_size`
-    times, slice j carrying patch j.
-    """
-    b = batch_size(inputs)
-    out = []
-    for start in range(0, len(patches), chunk_size):
-        chunk = list(patches[start:start + chunk_size])
-        n = len(chunk)
-        by_name: dict[str, list[tuple[int, int | None]]] = {}
-        for j, (name, head) in enumerate(chunk):
-            by_name.setdefault(name, []).append((j, head))
-
-        def hook(x: Tensor, hook: Any) -> Tensor:
-            x = x.clone()
-            for j, head in by_name[hook.name]:
-                sl = slice(j * b, (j + 1) * b)
-                src = source[hook.name]
-                if head is None:
-                    x[sl] = transplant(x[sl], src, positions, source_positions)
-                else:
-                    x[sl, :, head] = transplant(x[sl, :, head], src[:, :, head], positions, source_positions)
-            return x
-
-        with model.hooks(fwd_hooks=[(name, hook) for name in by_name]):
-            logits = model(**repeat_inputs(inputs, n))
-        out += [metric(logits[j * b:(j + 1) * b]).detach().float().cpu() for j in range(n)]
-    return torch.stack(out) if out else torch.empty(0, b)
-
-
-def _all_heads(model: Any, layers: Sequence[int] | None, heads: Sequence[int] | None) -> list[Head]:
+def _all_heads(model: "HookedVLM", layers: Sequence[int] | None, heads: Sequence[int] | None) -> list[Head]:
     layers = range(model.cfg.n_layers) if layers is None else layers
     heads = range(model.cfg.n_heads) if heads is None else heads
     return [(l, h) for l in layers for h in heads]
@@ -200,30 +63,32 @@ def _all_heads(model: Any, layers: Sequence[int] | None, heads: Sequence[int] | 
 # ------------------------------------------------------------------------------------------ head scores
 @torch.no_grad()
 def head_scores(
-    model: Any,
-    clean: dict[str, Any],
-    counterfactual: dict[str, Any],
+    model: "HookedVLM",
+    clean: Inputs,
+    corrupt: Inputs,
     metric: Metric,
-    positions: Bool[Tensor, "batch pos"],
-    cf_positions: Bool[Tensor, "batch pos2"] | None = None,
+    *,
+    positions: Any,
+    corrupt_positions: Any = None,
     heads: Sequence[Head] | None = None,
     layers: Sequence[int] | None = None,
-    chunk_size: int = 16,
+    batch_size: int = 16,
     per_prompt: bool = False,
+    progress: bool = True,
 ) -> Float[Tensor, "layer head"] | Float[Tensor, "layer head batch"]:
     """Causal-mediation score of every head (NaN for heads not in `heads`): metric(clean with head h's hook_z
-    at `positions` taken from the counterfactual run at `cf_positions`) - metric(clean).
+    at `positions` taken from the corrupt (counterfactual) run at `corrupt_positions`) - metric(clean).
 
     Use `metric = LogitDiff(answer=a1*, wrong=a1, attention_mask=clean["attention_mask"])` for the paper's score.
     Mean over prompts, or [layer, head, batch] with per_prompt=True.
     """
     heads = _all_heads(model, layers, None) if heads is None else [tuple(h) for h in heads]
-    names = sorted({z_name(l) for l, _ in heads})
-    clean_logits = model(**clean)
-    _, cf_cache = run_cached(model, counterfactual, names)
-    base = metric(clean_logits).detach().float().cpu()
-    patched = transplant_sweep(model, clean, cf_cache, [(z_name(l), h) for l, h in heads], metric, positions,
-                          cf_positions, chunk_size)
+    names = sorted({act_name("z", l) for l, _ in heads})
+    _, cf_cache = run_cached(model, corrupt, names)
+    patched = transplant_sweep(model, clean, cf_cache, [(act_name("z", l), h) for l, h in heads], metric,
+                               positions=positions, source_positions=corrupt_positions, batch_size=batch_size,
+                               progress=progress)
+    base = metric_values(metric, model(**clean))
     b = base.shape[0]
     scores = torch.full((model.cfg.n_layers, model.cfg.n_heads, b), float("nan"))
     for (l, h), row in zip(heads, patched):
@@ -231,28 +96,25 @@ def head_scores(
     return scores if per_prompt else scores.mean(-1)
 
 
-def id_retrieval_scores(
-    model: Any, clean: dict[str, Any], counterfactual: dict[str, Any], metric: Metric,
-    object_positions: Bool[Tensor, "batch pos"], cf_object_positions: Bool[Tensor, "batch pos2"] | None = None,
-    **kwargs: Any,
-) -> Tensor:
+def id_retrieval_scores(model: "HookedVLM", clean: Inputs, corrupt: Inputs, metric: Metric, *, positions: Any,
+                        corrupt_positions: Any = None, **kwargs: Any) -> Tensor:
     """ID-retrieval heads: the counterfactual swaps the objects' positions in the image; patch at the tokens that
-    describe the object (e.g. `word_positions(model, ids, shape_words)`)."""
-    return head_scores(model, clean, counterfactual, metric, object_positions, cf_object_positions, **kwargs)
+    describe the object (e.g. `toolkit.word_positions(model, ids, shape_words)`)."""
+    return head_scores(model, clean, corrupt, metric, positions=positions, corrupt_positions=corrupt_positions,
+                       **kwargs)
 
 
-def id_selection_scores(model: Any, clean: dict[str, Any], counterfactual: dict[str, Any], metric: Metric,
-                        **kwargs: Any) -> Tensor:
+def id_selection_scores(model: "HookedVLM", clean: Inputs, corrupt: Inputs, metric: Metric, **kwargs: Any) -> Tensor:
     """ID-selection heads: same counterfactual as ID retrieval (object positions swapped); patch at the final token."""
-    return head_scores(model, clean, counterfactual, metric, final_positions(model, clean),
-                       final_positions(model, counterfactual), **kwargs)
+    return head_scores(model, clean, corrupt, metric, positions=final_positions(model, clean),
+                       corrupt_positions=final_positions(model, corrupt), **kwargs)
 
 
-def feature_retrieval_scores(model: Any, clean: dict[str, Any], counterfactual: dict[str, Any], metric: Metric,
+def feature_retrieval_scores(model: "HookedVLM", clean: Inputs, corrupt: Inputs, metric: Metric,
                              **kwargs: Any) -> Tensor:
     """Feature-retrieval heads: the counterfactual changes the target feature (colour); patch at the final token."""
-    return head_scores(model, clean, counterfactual, metric, final_positions(model, clean),
-                       final_positions(model, counterfactual), **kwargs)
+    return head_scores(model, clean, corrupt, metric, positions=final_positions(model, clean),
+                       corrupt_positions=final_positions(model, corrupt), **kwargs)
 
 
 def top_k_heads(scores: Float[Tensor, "layer head"], k: int, largest: bool = True) -> list[Head]:
@@ -269,20 +131,20 @@ def top_k_heads(scores: Float[Tensor, "layer head"], k: int, largest: bool = Tru
 # ------------------------------------------------------------------------------------------ interventions
 @torch.no_grad()
 def mean_head_outputs(
-    model: Any, inputs: dict[str, Any], heads: Sequence[Head], positions: Bool[Tensor, "batch pos"]
+    model: "HookedVLM", inputs: dict[str, Any], heads: Sequence[Head], positions: Bool[Tensor, "batch pos"]
 ) -> Float[Tensor, "n_heads d_head"]:
     """Mean of each head's output (hook_z) over the positions in the mask, all prompts pooled."""
-    _, cache = run_cached(model, inputs, sorted({z_name(l) for l, _ in heads}))
+    _, cache = run_cached(model, inputs, sorted({act_name("z", l) for l, _ in heads}))
     out = []
     for l, h in heads:
-        z = cache[z_name(l)][:, :, h]
+        z = cache[act_name("z", l)][:, :, h]
         out.append(z[positions.to(z.device)].float().mean(0))
     return torch.stack(out)
 
 
 @torch.no_grad()
 def intervene_heads(
-    model: Any,
+    model: "HookedVLM",
     inputs: dict[str, Any],
     heads: Sequence[Head],
     alpha: float | int,
@@ -309,7 +171,7 @@ def intervene_heads(
             x[:, :, h] = x[:, :, h] + m * delta[i].to(x.device, x.dtype)
         return x
 
-    with model.hooks(fwd_hooks=[(z_name(l), hook) for l in by_layer]):
+    with model.hooks(fwd_hooks=[(act_name("z", l), hook) for l in by_layer]):
         logits = model(**inputs)
     return logits if metric is None else metric(logits)
 

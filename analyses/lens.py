@@ -16,16 +16,19 @@ layer 0 decodes the embeddings themselves), or any ``{layer}`` template of a [ba
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
 
-from ._hooks import as_position_mask, hook_template, resolve_layers
+from .toolkit import as_positions, hook_template, resolve_layers
+
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
 
 
 @torch.no_grad()
-def residual_stack(model: Any, inputs: dict[str, Any], hook: str = "resid_post",
+def residual_stack(model: "HookedVLM", inputs: dict[str, Any], hook: str = "resid_post",
                    layers: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor, list[int]]:
     """(residuals [layer, batch, pos, d_model], logits of the plain forward, layer indices)."""
     template = hook_template(hook)
@@ -35,7 +38,7 @@ def residual_stack(model: Any, inputs: dict[str, Any], hook: str = "resid_post",
     return torch.stack([cache[n] for n in names]), logits, layer_ids
 
 
-def decode(model: Any, resid: Tensor) -> Tensor:
+def decode(model: "HookedVLM", resid: Tensor) -> Tensor:
     """unembed(ln_final(resid)) for any [..., d_model] tensor: the model's own last two steps."""
     return model.unembed(model.ln_final(resid))
 
@@ -43,14 +46,14 @@ def decode(model: Any, resid: Tensor) -> Tensor:
 def _select(values: Tensor, positions: Any) -> Tensor:
     if positions is None:
         return values
-    mask = as_position_mask(positions, values.shape[2])
+    mask = as_positions(positions, values.shape[2])
     if mask.ndim == 2:  # [batch, pos]: keep all positions, NaN elsewhere (prompts may differ)
         return values.masked_fill(~mask.to(values.device)[None, :, :, None], float("nan"))
     return values[:, :, mask.to(values.device)]
 
 
 @torch.no_grad()
-def logit_lens(model: Any, inputs: dict[str, Any], hook: str = "resid_post", layers: Any = None,
+def logit_lens(model: "HookedVLM", inputs: dict[str, Any], hook: str = "resid_post", layers: Any = None,
                tokens: Any = None, positions: Any = None) -> Tensor:
     """Lens logits [layer, batch, pos, vocab]; with `tokens` (ids [n] for every prompt, or [batch, n] per
     prompt) only those columns: [layer, batch, pos, n]. `positions`: a 1-D mask / ints keeps those positions
@@ -70,7 +73,7 @@ def logit_lens(model: Any, inputs: dict[str, Any], hook: str = "resid_post", lay
 
 
 @torch.no_grad()
-def lens_logit_diff(model: Any, inputs: dict[str, Any], answer: Any, wrong: Any, hook: str = "resid_post",
+def lens_logit_diff(model: "HookedVLM", inputs: dict[str, Any], answer: Any, wrong: Any, hook: str = "resid_post",
                     layers: Any = None, positions: Any = None) -> Tensor:
     """logit[answer] - logit[wrong] of the lens at every layer and position: [layer, batch, pos]. `answer`,
     `wrong`: one id, or one per prompt ([batch])."""
@@ -82,7 +85,7 @@ def lens_logit_diff(model: Any, inputs: dict[str, Any], answer: Any, wrong: Any,
 
 
 @torch.no_grad()
-def lens_top_k(model: Any, inputs: dict[str, Any], k: int = 5, hook: str = "resid_post", layers: Any = None,
+def lens_top_k(model: "HookedVLM", inputs: dict[str, Any], k: int = 5, hook: str = "resid_post", layers: Any = None,
                probs: bool = False) -> tuple[Tensor, Tensor]:
     """Top-k lens tokens at every layer and position: (values, token ids), each [layer, batch, pos, k]; values
     are logits, or probabilities with ``probs=True``. `model.to_string(ids[l, b, p])` decodes them."""

@@ -22,18 +22,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from hooked_vlm.batching import repeat_inputs
+from .toolkit import (Metric, Site, as_positions, first_position, hook_template, random_count,
+                      resolve_layers, run_cached, run_sites, tile)
 
-from ._progress import progress_bar
-from ._hooks import as_float, hook_template, metric_per_slot, resolve_layers
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
 from .metrics import final_logits
 
-Metric = Callable[[Tensor], Tensor]
 KNOCKOUT_CONDITIONS: tuple[str, ...] = ("end_of_image", "last_image_token", "random_10", "all_image")
 
 
@@ -51,10 +51,11 @@ def key_positions(layout: Any, condition: Any, seed: int = 0, image: int = -1) -
     condition: "end_of_image", "last_image_token", "random_{k}" (k random image tokens of any image, drawn with
     `seed`), "all_image" (every image token), "none" (empty set), a bool mask, or a callable layout -> mask.
     """
-    if isinstance(condition, Tensor):
-        return condition.bool().cpu()
-    if callable(condition):
-        return condition(layout).bool().cpu()
+    if callable(condition) and not isinstance(condition, Tensor):
+        condition = condition(layout)
+    if not isinstance(condition, str):
+        mask = as_positions(condition, layout.shape[1], layout.shape[0], what="knockout keys")
+        return tile(mask, layout.shape[0], "knockout keys")
     if condition == "end_of_image":
         return layout.end_of_image(image)
     if condition == "last_image_token":
@@ -63,14 +64,15 @@ def key_positions(layout: Any, condition: Any, seed: int = 0, image: int = -1) -
         return layout.image_positions()
     if condition == "none":
         return torch.zeros(layout.shape, dtype=torch.bool)
-    if isinstance(condition, str) and condition.startswith("random_"):
-        return layout.random_image_tokens(int(condition.split("_", 1)[1]), seed=seed)
+    k = random_count(condition)  # "random_-3" and other malformed specs are errors, not a slice of the name
+    if k is not None:
+        return layout.random_image_tokens(k, seed=seed)
     raise ValueError(f"unknown knockout condition {condition!r}; expected one of {KNOCKOUT_CONDITIONS + ('none',)}, "
                      "random_<k>, a mask or a callable")
 
 
 def knockout_hooks(
-    model: Any,
+    model: "HookedVLM",
     queries: Tensor,
     keys: Tensor,
     layers: int | Sequence[int] | None = None,
@@ -86,17 +88,18 @@ def knockout_hooks(
     batch (a `repeat_inputs` batch) the masks are tiled; a mask batch equal to the run's lets every copy have
     its own sets.
     hook: "pattern" (the decoder) or any ``{layer}`` template of a hook_pattern (e.g. a vision tower's).
-    renormalize: instead mask the scores (hook_attn_scores := dtype min) so the softmax renormalises over the
-    remaining keys: the knocked-out keys then have no influence at all on those query rows. A query row must
-    keep at least one key (causal rows always keep themselves unless their own position is in `keys`).
+    renormalize: the one meaning every attention edit gives it (also `attention_edits.reweight_hooks`): after
+    the edit each edited query row is rescaled to sum to 1 over its keys. For a knockout that is exactly a
+    softmax over the remaining keys, so it is computed by masking the scores (hook_attn_scores := dtype min):
+    the knocked-out keys then have no influence at all on those rows. A query row must keep at least one key
+    (causal rows always keep themselves unless their own position is in `keys`).
     """
     template = hook_template(hook)
     if not template.endswith("hook_pattern"):
         raise ValueError(f"knockout acts on hook_pattern, got {template!r}")
     if renormalize:
         template = template[: -len("hook_pattern")] + "hook_attn_scores"
-    q, k = queries.bool().cpu(), keys.bool().cpu()
-    q, k = (q[None] if q.ndim == 1 else q), (k[None] if k.ndim == 1 else k)
+    q, k = _as_mask(queries, "queries"), _as_mask(keys, "keys")
     layer_ids = resolve_layers(model, template, layers)
     head_list = None if heads is None else [int(h) for h in ([heads] if isinstance(heads, int) else heads)]
 
@@ -119,8 +122,18 @@ def knockout_hooks(
     return [(template.format(layer=layer), fn) for layer in layer_ids]
 
 
+def _as_mask(positions: Any, what: str) -> Tensor:
+    """A [batch, pos] / [pos] bool mask of any accepted form (its length is checked against the pattern later)."""
+    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
+        m = positions.cpu()
+    else:
+        t = torch.as_tensor(positions)
+        m = as_positions(t, t.shape[-1], what=what)  # a 0/1 or bool mask: length-free here
+    return m[None] if m.ndim == 1 else m
+
+
 def run_with_knockout(
-    model: Any,
+    model: "HookedVLM",
     inputs: dict[str, Any],
     keys: Any,
     queries: Tensor | None = None,
@@ -138,14 +151,29 @@ def run_with_knockout(
         return model(**inputs)
 
 
+def _knockout_edit(q: Tensor, k: Tensor, head_list: list[int] | None, renormalize: bool):
+    """Sweep-engine edit of one copy's pattern (or scores) [batch, head, query, key]: queries q x keys k."""
+    def fn(pattern: Tensor, first: int) -> Tensor:
+        qq = q[:, first:] if first else q
+        m = qq[:, None, :, None] & k[:, None, None, :]
+        if head_list is not None:
+            hm = torch.zeros(pattern.shape[1], dtype=torch.bool)
+            hm[head_list] = True
+            m = m & hm[None, :, None, None]
+        fill = torch.finfo(pattern.dtype).min if renormalize else 0.0
+        return pattern.masked_fill(m.to(pattern.device), fill)
+
+    return fn
+
+
 @torch.no_grad()
 def knockout_table(
-    model: Any,
+    model: "HookedVLM",
     inputs: dict[str, Any],
     metric: Metric,
     conditions: Sequence[Any] | Mapping[str, Any] = KNOCKOUT_CONDITIONS,
     *,
-    queries: Tensor | None = None,
+    queries: Any = None,
     layers: int | Sequence[int] | None = None,
     heads: int | Sequence[int] | None = None,
     seed: int = 0,
@@ -155,28 +183,31 @@ def knockout_table(
     progress: bool = True,
 ) -> dict[str, Tensor]:
     """The paper's knockout table: metric under each key-set knockout (queries -> keys zeroed, no
-    renormalisation), plus "baseline" (no knockout) first.
+    renormalisation), plus "baseline" (no knockout) first. Runs on the sweep engine: every condition resumes
+    from one saved run at the first knocked-out layer and the first query position.
 
     conditions: names (see `key_positions`) or {label: name | mask | callable}.
-    queries:    bool [batch, pos]; default the text tokens after the image.
+    queries:    a position set (bool [batch, pos], ...); default the text tokens after the image.
     batch_size: conditions evaluated per forward (through the batch dimension).
-    renormalize: mask scores instead of zeroing weights (not the paper's protocol; see `knockout_hooks`).
+    renormalize: see `knockout_hooks` (the one meaning used by every attention edit).
     Returns {label: scalar tensor (mean over prompts) or [batch] per prompt}.
     """
     layout = model.layout(inputs)
-    q = text_after_image(layout) if queries is None else queries.bool().cpu()
+    b, n = layout.shape
+    q = text_after_image(layout) if queries is None else as_positions(queries, n, b, what="queries")
+    q = tile(q, b, "queries")
     items = dict(conditions) if isinstance(conditions, Mapping) else {str(c): c for c in conditions}
+    if not items:
+        raise ValueError("knockout_table: no conditions given")
     keys = {label: key_positions(layout, spec, seed) for label, spec in items.items()}
-    table = {"baseline": as_float(metric(model(**inputs)))}
-    labels = list(keys)
-    for start in progress_bar(range(0, len(labels), batch_size), desc="knockout", progress=progress):
-        chunk = labels[start : start + batch_size]
-        kk = torch.cat([keys[label] for label in chunk])
-        qq = q.repeat(len(chunk), 1) if q.ndim == 2 else q
-        with model.hooks(fwd_hooks=knockout_hooks(model, qq, kk, layers, heads, renormalize=renormalize)):
-            out = model(**repeat_inputs(inputs, len(chunk)))
-        for label, values in zip(chunk, metric_per_slot(metric, out, len(chunk))):
-            table[label] = values
+    template = hook_template("attn_scores" if renormalize else "pattern")
+    layer_ids = resolve_layers(model, template, layers)
+    head_list = None if heads is None else [int(h) for h in ([heads] if isinstance(heads, int) else heads)]
+    start = (min(layer_ids), first_position(q))
+    sites = [Site([(template.format(layer=l), _knockout_edit(q, keys[label], head_list, renormalize))
+                   for l in layer_ids], start, label=label) for label in keys]
+    values, base = run_sites(model, inputs, metric, sites, batch_size=batch_size, progress=progress, desc="knockout")
+    table = {"baseline": base, **dict(zip(keys, values))}
     return table if per_prompt else {label: v.mean() for label, v in table.items()}
 
 
@@ -208,7 +239,7 @@ def _predict(logits: Tensor, attention_mask: Tensor | None, candidates: Tensor |
 
 @torch.no_grad()
 def steer_end_of_image(
-    model: Any,
+    model: "HookedVLM",
     inputs: dict[str, Any],
     source_inputs: dict[str, Any],
     source_answer: Tensor | Sequence[int] | int,
@@ -234,7 +265,7 @@ def steer_end_of_image(
     s_eoi = model.layout(source_inputs).end_of_image(image).int().argmax(1)
     if len(t_eoi) != len(s_eoi):
         raise ValueError(f"inputs have {len(t_eoi)} prompts but source_inputs {len(s_eoi)}")
-    _, cache = model.run_with_cache(**source_inputs, names_filter=names)
+    _, cache = run_cached(model, source_inputs, names)
     rows = torch.arange(len(s_eoi))
     states = {name: cache[name][rows, s_eoi] for name in names}  # [batch, d_model]
     del cache

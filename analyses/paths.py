@@ -23,8 +23,10 @@ Receivers:
   is recomputed): with frozen MLPs this is the senders' *direct effect* on the logits.
 
 Senders are heads ``(layer, head)``; a sender *set* patches several heads at once. `path_patch` takes a list of
-sender sets and runs them batched through the batch dimension (`repeat_inputs`: slot j of a forward of batch
-``n * B`` carries set j), ``batch_size`` sets per forward. A sender at or after a receiver's layer has no path
+sender sets and runs them on the sweep engine (`analyses.toolkit.sweep`), ``batch_size`` sets per forward. Freezing
+at clean values changes nothing upstream of the first sender, so run (b) resumes from one saved clean run at the
+first sender's layer and position (decoder senders; senders in the tower or the embeddings run full forwards),
+and run (c) at the first receiver's layer. A sender at or after a receiver's layer has no path
 to it (effect 0).
 
 Exact identities (tests/analyses/test_paths.py, float64): counterfactual = clean gives zero effect; with
@@ -38,18 +40,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
 
-from hooked_vlm.batching import repeat_inputs
+from .toolkit.inputs import check_pair
+from .toolkit import (Metric, Site, SweepResult, act_name, as_positions, first_position, metric_values, run_cached,
+                      run_sites)
+from .toolkit.sweep import EditFn, from_position
 
-from ._progress import progress_bar
-from ._hooks import as_float, as_position_mask, metric_per_slot, repeat_axis
-from .patching import PatchResult
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
 
-Metric = Callable[[Tensor], Tensor]
+Inputs = dict[str, Any]
 KINDS = ("q", "k", "v")
 
 
@@ -63,23 +67,22 @@ class SenderSet:
     vision: set[int] = field(default_factory=set)  # vision blocks (their hook_attn_out and hook_mlp_out)
     projector: bool = False  # projector.hook_out: the image features as placed
     vision_embed: bool = False  # vision.blocks.0.hook_resid_pre: the tower residual's input
-    deepstack: set[int] = field(default_factory=set)  # decoder layers whose hook_deepstack (Qwen3-VL) is sent
 
     @property
     def label(self) -> list[str]:
         return ([f"L{l}H{h}" for l, hs in sorted(self.heads.items()) for h in hs] + [f"MLP{l}" for l in sorted(self.mlps)]
                 + [f"embed_{k}" for k in sorted(self.embed)] + (["V.embed"] if self.vision_embed else [])
                 + [f"V{k}" for k in sorted(self.vision)]
-                + (["projector"] if self.projector else []) + [f"DS{l}" for l in sorted(self.deepstack)])
+                + (["projector"] if self.projector else []))
 
 
-_NODE = re.compile(r"L(\d+)H(\d+)|MLP(\d+)|V(\d+)|embed_(image|text)|projector|V\.embed|DS(\d+)")
+_NODE = re.compile(r"L(\d+)H(\d+)|MLP(\d+)|V(\d+)|embed_(image|text)|projector|V\.embed")
 
 
-def _as_sender_sets(model: Any, senders: Any) -> list[SenderSet]:
+def _as_sender_sets(model: "HookedVLM", senders: Any) -> list[SenderSet]:
     """Each sender set: a node or a list of nodes; a node is (layer, head) or a name "L{l}H{h}", "MLP{l}",
     "embed_image", "embed_text", "V.embed" (the vision tower residual's input), "V{k}" (vision block k) or
-    "projector" or "DS{l}" (Qwen3-VL: the DeepStack addition after block l) (the vocabulary of `analyses.edges`)."""
+    "projector" (the vocabulary of `analyses.edges`)."""
     out = []
     n_vision = len(getattr(model.vision, "blocks", ()))
     for s in senders:
@@ -93,9 +96,9 @@ def _as_sender_sets(model: Any, senders: Any) -> list[SenderSet]:
             m = _NODE.fullmatch(str(node))
             if m is None:
                 raise ValueError(f"unknown sender {node!r}: expected (layer, head), 'L{{l}}H{{h}}', 'MLP{{l}}', "
-                                 "'embed_image', 'embed_text', 'V.embed' (the vision tower's input), 'V{k}' (vision block), "
-                                 "'projector' or 'DS{l}' (a DeepStack addition)")
-            head_l, head_h, mlp, vis, embed, ds = m.groups()
+                                 "'embed_image', 'embed_text', 'V.embed' (the vision tower's input), 'V{k}' (vision block) or "
+                                 "'projector'")
+            head_l, head_h, mlp, vis, embed = m.groups()
             if head_l is not None:
                 if not (0 <= int(head_l) < model.cfg.n_layers and 0 <= int(head_h) < model.cfg.n_heads):
                     raise ValueError(f"sender {node} is out of range ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads)")
@@ -110,11 +113,6 @@ def _as_sender_sets(model: Any, senders: Any) -> list[SenderSet]:
                 sset.vision.add(int(vis))
             elif embed is not None:
                 sset.embed.add(embed)
-            elif ds is not None:
-                if int(ds) not in (getattr(model.cfg, "deepstack_layers", None) or []):
-                    raise ValueError(f"sender {node}: this model adds DeepStack features after blocks "
-                                     f"{list(getattr(model.cfg, 'deepstack_layers', None) or [])} only")
-                sset.deepstack.add(int(ds))
             else:
                 if node == "V.embed":
                     sset.vision_embed = True
@@ -124,32 +122,7 @@ def _as_sender_sets(model: Any, senders: Any) -> list[SenderSet]:
     return out
 
 
-def _slot_hook(c_val: Tensor, x_val: Tensor | None, picks: list[Any], freeze: bool) -> Callable:
-    """A hook for a batch of n = len(picks) copies (`batching.repeat_inputs` layout, along `repeat_axis`): copy j
-    is x_val where picks[j] says (True: all of it; a bool mask; None: none of it), elsewhere c_val if `freeze`
-    else the recomputed activation."""
-    n = len(picks)
-
-    def hook(act: Tensor, hook: Any = None) -> Tensor:
-        axis = repeat_axis(c_val.shape, act.shape, n)
-        v = c_val.shape[axis]
-        c = c_val.to(act.device, act.dtype)
-        x = None if x_val is None else x_val.to(act.device, act.dtype)
-        parts = []
-        for j, pick in enumerate(picks):
-            base = c if freeze else act.narrow(axis, j * v, v)
-            if pick is None:
-                parts.append(base)
-            elif pick is True:
-                parts.append(x)
-            else:
-                parts.append(torch.where(pick.to(act.device), x, base))
-        return torch.cat(parts, dim=axis)
-
-    return hook
-
-
-def _as_receivers(model: Any, receivers: Any) -> list[tuple[int, str, int]] | str:
+def _as_receivers(model: "HookedVLM", receivers: Any) -> list[tuple[int, str, int]] | str:
     if isinstance(receivers, str):
         if receivers != "logits":
             raise ValueError(f"receivers must be 'logits' or (layer, 'q'|'k'|'v', head) tuples, got {receivers!r}")
@@ -170,7 +143,7 @@ def _as_receivers(model: Any, receivers: Any) -> list[tuple[int, str, int]] | st
 
 
 def _pos_mask(positions: Any, b: int, p: int) -> Tensor | None:
-    m = as_position_mask(positions, p)
+    m = as_positions(positions, p, b)
     if m is None:
         return None
     m = m[None].expand(b, -1) if m.ndim == 1 else m
@@ -179,20 +152,20 @@ def _pos_mask(positions: Any, b: int, p: int) -> Tensor | None:
 
 @torch.no_grad()
 def path_patch(
-    model: Any,
-    clean_inputs: dict[str, Any],
-    counterfactual_inputs: dict[str, Any],
+    model: "HookedVLM",
+    clean: Inputs,
+    corrupt: Inputs,
     metric: Metric,
+    *,
     senders: Sequence[Any],
     receivers: Any,
-    *,
     freeze_mlps: bool = True,
     sender_positions: Any = None,
     receiver_positions: Any = None,
     batch_size: int = 16,
     per_prompt: bool = False,
     progress: bool = True,
-) -> PatchResult:
+) -> SweepResult:
     """Path-patch each sender set to `receivers` (see the module docstring).
 
     senders:   a list of sender sets, each a node or a list of nodes patched together. Nodes: (layer, head) or
@@ -208,15 +181,18 @@ def path_patch(
     sender_positions / receiver_positions: bool [batch, pos] / [pos] / ints where decoder senders take X
                values / receivers take the step-(b) values (None = every position). Vision and projector
                senders always change every patch / image token.
-    Returns a noising PatchResult: scores [n_sender_sets] (``[.., B]`` per prompt), clean = metric on C,
+    Returns a noising SweepResult: scores [n_sender_sets] (``[.., B]`` per prompt), clean = metric on C,
     corrupt = metric on X; ``result.effect()`` is the path effect (scores - clean).
     """
     sets = _as_sender_sets(model, senders)
     recv = _as_receivers(model, receivers)
     n_layers = model.cfg.n_layers
-    b, p = clean_inputs["input_ids"].shape
-    z_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
-    mlp_names = [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
+    if not sets:
+        raise ValueError("path_patch: no sender sets given")
+    check_pair(clean, corrupt)
+    b, p = clean["input_ids"].shape
+    z_names = [act_name("z", l) for l in range(n_layers)]
+    mlp_names = [act_name("mlp_out", l) for l in range(n_layers)]
     vis_blocks = sorted(set().union(*(s.vision for s in sets)))
     n_vision = len(getattr(model.vision, "blocks", ()))
     any_vision = bool(vis_blocks) or any(s.vision_embed for s in sets)
@@ -225,14 +201,10 @@ def path_patch(
     x_names += ["hook_embed"] if any(s.embed for s in sets) else []
     x_names += ["projector.hook_out"] if any(s.projector for s in sets) else []
     x_names += ["vision.blocks.0.hook_resid_pre"] if any(s.vision_embed for s in sets) else []
-    ds_layers = sorted(set().union(*(s.deepstack for s in sets)))
-    x_names += [f"blocks.{l}.hook_deepstack" for l in ds_layers]
-    clean = as_float(metric(model(**clean_inputs)))
-    corrupt = as_float(metric(model(**counterfactual_inputs)))
-    _, cc = model.run_with_cache(**clean_inputs, names_filter=sorted(set(z_names + mlp_names + x_names)))
-    _, cx = model.run_with_cache(**counterfactual_inputs, names_filter=x_names)
-    vc, vx = {n: cc[n] for n in cc.cache_dict}, {n: cx[n] for n in cx.cache_dict}
-    del cc, cx
+    clean_v = metric_values(metric, model(**clean))
+    corrupt_v = metric_values(metric, model(**corrupt))
+    _, vc = run_cached(model, clean, sorted(set(z_names + mlp_names + x_names)), missing="ignore")
+    _, vx = run_cached(model, corrupt, x_names, missing="ignore")
     ran = [k for k in vis_blocks if f"vision.blocks.{k}.hook_attn_out" in vx]
     if ran != vis_blocks:
         raise ValueError(f"vision blocks {sorted(set(vis_blocks) - set(ran))} do not run in this model's forward "
@@ -242,26 +214,15 @@ def path_patch(
         raise ValueError("clean and counterfactual runs differ in shape: they need the same sequence length and images")
     spos = _pos_mask(sender_positions, b, p)
     rpos = _pos_mask(receiver_positions, b, p)
-    recv_names = sorted({f"blocks.{l}.attn.hook_{k}" for l, k, _ in recv}) if recv != "logits" else []
-    image = (clean_inputs["input_ids"] == model.cfg.image_token_id)[:, :, None]
-    real = clean_inputs.get("attention_mask")
+    recv_names = sorted({act_name(k, l) for l, k, _ in recv}) if recv != "logits" else []
+    if recv_names:
+        _, c_recv = run_cached(model, clean, recv_names)
+    image = (clean["input_ids"] == model.cfg.image_token_id)[:, :, None]
+    real = clean.get("attention_mask")
     text = ~image if real is None else (~image & real.bool()[:, :, None])
-
-    def z_picks(layer: int, chunk: list[SenderSet]) -> list[Any]:
-        picks = []
-        for sset in chunk:
-            heads = sset.heads.get(layer)
-            if not heads:
-                picks.append(None)
-                continue
-            m = torch.zeros(1, 1, model.cfg.n_heads, 1, dtype=torch.bool)
-            m[:, :, heads] = True
-            picks.append(m if spos is None else m & spos)
-        return picks
+    sender_first = 0 if spos is None else first_position(spos[:, :, 0, 0])
 
     def embed_pick(sset: SenderSet) -> Any:
-        if not sset.embed:
-            return None
         m = torch.zeros_like(image)
         if "image" in sset.embed:
             m = m | image
@@ -269,102 +230,106 @@ def path_patch(
             m = m | text
         return m if spos is None else m & spos[..., 0]
 
-    def chunk_hooks(chunk: list[SenderSet]) -> list[tuple[str, Callable]]:
-        hooks = [(name, _slot_hook(vc[name], vx[name], z_picks(l, chunk), True)) for l, name in enumerate(z_names)]
+    def step_b(sset: SenderSet, store: dict[str, Tensor]) -> Site:
+        """Run (b) for one sender set: heads (and MLPs) frozen at clean, senders at X; receivers captured."""
+        edits = []
+        for l, name in enumerate(z_names):
+            pick = None
+            if sset.heads.get(l):
+                pick = torch.zeros(1, 1, model.cfg.n_heads, 1, dtype=torch.bool)
+                pick[:, :, sset.heads[l]] = True
+                pick = pick if spos is None else pick & spos
+            edits.append((name, _mix(name, vc[name], vx[name], pick, True)))
         for l, name in enumerate(mlp_names):
-            at = True if spos is None else spos[..., 0]  # sender positions within [b, p, d]
-            picks = [at if l in s.mlps else None for s in chunk]
-            if freeze_mlps or any(pk is not None for pk in picks):
-                hooks.append((name, _slot_hook(vc[name], vx.get(name), picks, freeze_mlps)))
-        if "hook_embed" in vx:
-            hooks.append(("hook_embed", _slot_hook(vc["hook_embed"], vx["hook_embed"], [embed_pick(s) for s in chunk],
-                                                   False)))
-        for name in vis_names:  # every vision block frozen at clean; sender blocks take the counterfactual
-            k = int(name.split(".")[2])
-            hooks.append((name, _slot_hook(vc[name], vx[name], [True if k in s.vision else None for s in chunk], True)))
-        if "projector.hook_out" in vx:
-            hooks.append(("projector.hook_out", _slot_hook(vc["projector.hook_out"], vx["projector.hook_out"],
-                                                           [True if s.projector else None for s in chunk], False)))
-        for l in ds_layers:  # recomputed (from the clean pixels) unless sent
-            name = f"blocks.{l}.hook_deepstack"
-            if name in vx:
-                hooks.append((name, _slot_hook(vc[name], vx[name], [True if l in s.deepstack else None for s in chunk],
-                                               False)))
-        if (name := "vision.blocks.0.hook_resid_pre") in vx:
-            hooks.append((name, _slot_hook(vc[name], vx[name], [True if s.vision_embed else None for s in chunk], False)))
-        return hooks
+            pick = (True if spos is None else spos[..., 0]) if l in sset.mlps else None
+            if freeze_mlps or pick is not None:
+                edits.append((name, _mix(name, vc[name], vx.get(name), pick, freeze_mlps)))
+        upstream = bool(sset.embed or sset.vision or sset.projector or sset.vision_embed)
+        if upstream:  # senders before the decoder: a full forward, the tower frozen at clean but for the senders
+            if "hook_embed" in vx:
+                edits.append(("hook_embed", _mix("hook_embed", vc["hook_embed"], vx["hook_embed"],
+                                                 embed_pick(sset) if sset.embed else None, False)))
+            for name in vis_names:
+                k = int(name.split(".")[2])
+                edits.append((name, _mix(name, vc[name], vx[name], True if k in sset.vision else None, True)))
+            for name, on in (("projector.hook_out", sset.projector), ("vision.blocks.0.hook_resid_pre", sset.vision_embed)):
+                if name in vx:
+                    edits.append((name, _mix(name, vc[name], vx[name], True if on else None, False)))
+        edits += [(name, _capture(store, name)) for name in recv_names]
+        layers = sorted(sset.heads) + sorted(sset.mlps)
+        start = None if upstream or not layers else (min(layers), sender_first)
+        return Site(edits, start, like={n: tuple(vc[n].shape) for n, _ in edits if n in vc}, label=sset.label)
 
-    def capture(store: dict[str, Tensor]) -> Callable:
-        def hook(act: Tensor, hook: Any) -> None:
-            store[hook.name] = act.detach()
-        return hook
-
-    def put(name: str, store: dict[str, Tensor]) -> Callable:
-        heads = [h for l, k, h in recv if f"blocks.{l}.attn.hook_{k}" == name]
-
-        def hook(act: Tensor, hook: Any = None) -> Tensor:
-            out = act.clone()
-            src = store[name].to(act.device, act.dtype)
-            if rpos is None:
-                out[:, :, heads] = src[:, :, heads]
-            else:
-                m = rpos.to(act.device).repeat(act.shape[0] // b, 1, 1, 1)
-                out[:, :, heads] = torch.where(m, src[:, :, heads], act[:, :, heads])
-            return out
-        return hook
-
-    values = []
-    bar = progress_bar(total=len(sets), desc="path patching", progress=progress)
-    try:
-        for start in range(0, len(sets), batch_size):
-            chunk = sets[start : start + batch_size]
-            n = len(chunk)
-            rep = repeat_inputs(clean_inputs, n)
-            hooks = chunk_hooks(chunk)
-            store: dict[str, Tensor] = {}
-            hooks += [(name, capture(store)) for name in recv_names]
-            with model.hooks(fwd_hooks=hooks):
-                out_b = model(**rep)
-            if recv == "logits":
-                out = out_b
-            else:
-                if rpos is not None and rpos.shape[0] != b:
-                    raise ValueError("receiver_positions must be [pos] or [batch, pos]")
-                with model.hooks(fwd_hooks=[(name, put(name, store)) for name in recv_names]):
-                    out = model(**rep)
-            values.append(metric_per_slot(metric, out, n))
-            bar.update(n)
-    finally:
-        bar.close()
-    scores = torch.cat(values)
+    stores: list[dict[str, Tensor]] = [{} for _ in sets]
+    scores, _ = run_sites(model, clean, metric, [step_b(s, st) for s, st in zip(sets, stores)], batch_size=batch_size,
+                          progress=progress, desc="path patching")
+    if recv != "logits":  # (c): only the receivers take their step-(b) values; everything else recomputed
+        recv_first = min(l for l, _, _ in recv), 0 if rpos is None else first_position(rpos[:, :, 0, 0])
+        sites = []
+        for sset, store in zip(sets, stores):
+            edits = []
+            for name in recv_names:
+                heads = [h for l, k, h in recv if act_name(k, l) == name]
+                # from the layer and position run (b) resumed at; earlier ones (never run) are clean's
+                got = store.get(name, c_recv[name])
+                full = torch.cat([c_recv[name][:, : p - got.shape[1]].to(got.device, got.dtype), got], dim=1)
+                pick = torch.zeros(1, 1, full.shape[2], 1, dtype=torch.bool)
+                pick[:, :, heads] = True
+                edits.append((name, _mix(name, c_recv[name], full, pick if rpos is None else pick & rpos, False)))
+            sites.append(Site(edits, recv_first, label=sset.label))
+        scores, _ = run_sites(model, clean, metric, sites, batch_size=batch_size, progress=progress,
+                              desc="path patching (receivers)")
     if not per_prompt:
-        scores, clean, corrupt = scores.mean(-1), clean.mean(), corrupt.mean()
-    return PatchResult(scores, clean, corrupt, "noise", ("sender",),
+        scores, clean_v, corrupt_v = scores.mean(-1), clean_v.mean(), corrupt_v.mean()
+    return SweepResult(scores, clean_v, corrupt_v, "noise", ("sender",),
                        {"sender": [x.label for x in sets], "receivers": recv, "freeze_mlps": freeze_mlps})
 
 
+def _mix(name: str, c_val: Tensor, x_val: Tensor | None, pick: Any, freeze: bool) -> EditFn:
+    """Sweep-engine edit: x_val where `pick` says (True: all of it; a bool mask; None: none of it), elsewhere
+    c_val if `freeze` else the recomputed activation; all read from the run's first position on."""
+    def fn(act: Tensor, first: int) -> Tensor:
+        base = from_position(name, c_val, first).to(act.device, act.dtype) if freeze else act
+        if pick is None:
+            return base
+        x = from_position(name, x_val, first).to(act.device, act.dtype)
+        if pick is True:
+            return x
+        return torch.where(from_position(name, pick, first).to(act.device), x, base)
+
+    return fn
+
+
+def _capture(store: dict[str, Tensor], name: str) -> EditFn:
+    def fn(act: Tensor, first: int) -> Tensor:
+        store[name] = act.detach().clone()
+        return act
+
+    return fn
+
+
 def path_patch_heads(
-    model: Any,
-    clean_inputs: dict[str, Any],
-    counterfactual_inputs: dict[str, Any],
+    model: "HookedVLM",
+    clean: Inputs,
+    corrupt: Inputs,
     metric: Metric,
-    receivers: Any,
     *,
+    receivers: Any,
     layers: Sequence[int] | None = None,
     **kwargs: Any,
-) -> PatchResult:
+) -> SweepResult:
     """Every single head (of `layers`, default all) as its own sender set, to `receivers`: scores
     [layer, head] (``[.., B]`` per prompt). kwargs: see `path_patch`."""
     layer_ids = list(range(model.cfg.n_layers)) if layers is None else [int(l) for l in layers]
     heads = list(range(model.cfg.n_heads))
-    res = path_patch(model, clean_inputs, counterfactual_inputs, metric, [[(l, h)] for l in layer_ids for h in heads],
-                     receivers, **kwargs)
+    res = path_patch(model, clean, corrupt, metric, senders=[[(l, h)] for l in layer_ids for h in heads],
+                     receivers=receivers, **kwargs)
     extra = tuple(res.scores.shape[1:])
-    return PatchResult(res.scores.reshape((len(layer_ids), len(heads)) + extra), res.clean, res.corrupt, "noise",
+    return SweepResult(res.scores.reshape((len(layer_ids), len(heads)) + extra), res.clean, res.corrupt, "noise",
                        ("layer", "head"), {**res.labels, "layer": layer_ids, "head": heads})
 
 
-def head_receivers(model: Any, layer: int, head: int, kinds: Sequence[str] = KINDS) -> list[tuple[int, str, int]]:
+def head_receivers(model: "HookedVLM", layer: int, head: int, kinds: Sequence[str] = KINDS) -> list[tuple[int, str, int]]:
     """Receivers for one query head's q and/or its key/value head's k, v (GQA: kv head = head // group size)."""
     group = model.cfg.n_heads // model.cfg.n_key_value_heads
     return [(layer, k, head if k == "q" else head // group) for k in kinds]

@@ -17,17 +17,21 @@ sequence through the image-token positions in reading order (`as_sequence`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from analyses.heads import run_cached, transplant, transplant_sweep
-from hooked_vlm.batching import batch_size, repeat_inputs
+from .toolkit import (Metric, Site, act_name, check_batch_size, first_position, metric_values, run_cached,
+                      run_sites, transplant, transplant_sweep)
+from .toolkit.sweep import decoder_layer
 
-Metric = Callable[[Tensor], Tensor]
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
+
+Inputs = dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------- sequence view
@@ -48,7 +52,7 @@ def as_sequence(act: Tensor, layout: Any) -> tuple[Tensor, Callable[[Tensor], Te
 
 
 def activations_at(
-    model: Any, inputs: dict[str, Any], hook_names: Sequence[str], positions: Bool[Tensor, "batch pos"],
+    model: "HookedVLM", inputs: dict[str, Any], hook_names: Sequence[str], positions: Bool[Tensor, "batch pos"],
     layout: Any = None,
 ) -> tuple[dict[str, Float[Tensor, "n d"]], Int[Tensor, "n"]]:
     """({hook: rows at the masked positions, prompt-major}, prompt index of each row), one forward pass."""
@@ -140,7 +144,7 @@ def _rows_and_labels(positions: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]
 
 @torch.no_grad()
 def probe_hooks(
-    model: Any,
+    model: "HookedVLM",
     inputs: dict[str, Any],
     hook_names: Sequence[str],
     positions: Bool[Tensor, "batch pos"],
@@ -175,24 +179,28 @@ def probe_hooks(
 # ------------------------------------------------------------------------------------ last-token patching
 @torch.no_grad()
 def last_token_patching(
-    model: Any,
-    clean: dict[str, Any],
-    counterfactual: dict[str, Any],
+    model: "HookedVLM",
+    clean: Inputs,
+    corrupt: Inputs,
     metric: Metric,
-    kind: str = "resid_pre",
-    positions: Bool[Tensor, "batch pos"] | None = None,
-    cf_positions: Bool[Tensor, "batch pos2"] | None = None,
-    chunk_size: int = 8,
+    *,
+    hook: str = "resid_pre",
+    positions: Any = None,
+    corrupt_positions: Any = None,
+    batch_size: int = 8,
     per_prompt: bool = False,
+    progress: bool = True,
 ) -> Float[Tensor, "layer"] | Float[Tensor, "layer batch"]:
-    """metric(clean with `blocks.{l}.hook_{kind}` at the final token (or `positions`) taken from the
-    counterfactual run), for each layer l; batched through the batch dimension."""
-    names = [f"blocks.{l}.hook_{kind}" for l in range(model.cfg.n_layers)]
+    """metric(clean with decoder hook `hook` (a short kind such as "resid_pre" / "resid_post") of layer l at the
+    final token (or `positions`) taken from the corrupt (counterfactual) run at its final token (or
+    `corrupt_positions`)), for each layer l; on the sweep engine."""
+    names = [act_name(hook, l) for l in range(model.cfg.n_layers)]
     positions = model.layout(clean).final_token() if positions is None else positions
-    if cf_positions is None:
-        cf_positions = model.layout(counterfactual).final_token()
-    _, cf = run_cached(model, counterfactual, names)
-    out = transplant_sweep(model, clean, cf, [(n, None) for n in names], metric, positions, cf_positions, chunk_size)
+    if corrupt_positions is None:
+        corrupt_positions = model.layout(corrupt).final_token()
+    _, cf = run_cached(model, corrupt, names)
+    out = transplant_sweep(model, clean, cf, [(n, None) for n in names], metric, positions=positions,
+                           source_positions=corrupt_positions, batch_size=batch_size, progress=progress)
     return out if per_prompt else out.mean(-1)
 
 
@@ -209,35 +217,35 @@ def _swap_view(x: Tensor, ma: Tensor, mb: Tensor) -> Tensor:
     return transplant(transplant(x, x, ma, mb), x, mb, ma)
 
 
+def _swap_edit(hook_name: str, ma: Tensor, mb: Tensor, layout: Any) -> Callable[[Tensor, int], Tensor]:
+    def fn(act: Tensor, first: int) -> Tensor:
+        if first:  # a resumed decoder hook: [batch, pos - first, ...]
+            return _swap_view(act, ma[:, first:], mb[:, first:])
+        seq, back = as_sequence(act, layout)
+        return back(_swap_view(seq, ma, mb))
+
+    return fn
+
+
 @torch.no_grad()
 def _edit_sweep(
-    model: Any, inputs: dict[str, Any], hook_name: str, edits: Sequence[tuple[Tensor, Tensor]], metric: Metric,
-    chunk_size: int,
+    model: "HookedVLM", inputs: Inputs, hook_name: str, edits: Sequence[tuple[Tensor, Tensor]], metric: Metric,
+    batch_size: int, progress: bool = True,
 ) -> Float[Tensor, "n_edits batch"]:
     """metric after swapping the positions of mask a with those of mask b (in order) at hook_name, one pair per
-    slice of a repeated batch."""
-    b = batch_size(inputs)
-    out = []
-    for start in range(0, len(edits), chunk_size):
-        chunk = edits[start:start + chunk_size]
-        rep = repeat_inputs(inputs, len(chunk))
-        layout = model.layout(rep)
-        ma = torch.cat([a for a, _ in chunk]) if chunk else None
-        mb = torch.cat([bm for _, bm in chunk]) if chunk else None
-
-        def hook(x: Tensor, hook: Any) -> Tensor:
-            seq, back = as_sequence(x, layout)
-            return back(_swap_view(seq, ma, mb))
-
-        with model.hooks(fwd_hooks=[(hook_name, hook)]):
-            logits = model(**rep)
-        out += [metric(logits[j * b:(j + 1) * b]).detach().float().cpu() for j in range(len(chunk))]
-    return torch.stack(out)
+    site of the sweep engine (decoder hooks resume at the first swapped position)."""
+    layout = model.layout(inputs)
+    layer = decoder_layer(hook_name)
+    sites = [Site([(hook_name, _swap_edit(hook_name, ma, mb, layout))],
+                  None if layer is None else (layer, min(first_position(ma), first_position(mb))), label=k)
+             for k, (ma, mb) in enumerate(edits)]
+    values, _ = run_sites(model, inputs, metric, sites, batch_size=batch_size, progress=progress, desc="strip swaps")
+    return values
 
 
 @torch.no_grad()
 def swap_strips(
-    model: Any, inputs: dict[str, Any], axis: str, a: int, b: int, metric: Metric | None = None,
+    model: "HookedVLM", inputs: dict[str, Any], axis: str, a: int, b: int, metric: Metric | None = None,
     hook_name: str = "hook_embed", image: int = 0, crop: int = 0,
 ) -> Tensor:
     """Run with the image features of rows (or columns) a and b swapped at hook_name (default hook_embed: the
@@ -256,17 +264,18 @@ def swap_strips(
 
 @torch.no_grad()
 def strip_swap_matrix(
-    model: Any, inputs: dict[str, Any], metric: Metric, axis: str = "row", hook_name: str = "hook_embed",
-    image: int = 0, crop: int = 0, chunk_size: int = 8,
+    model: "HookedVLM", inputs: dict[str, Any], metric: Metric, axis: str = "row", hook_name: str = "hook_embed",
+    image: int = 0, crop: int = 0, batch_size: int = 8, progress: bool = True,
 ) -> Float[Tensor, "n n"]:
     """Mean metric change (swapped - clean) for every pair of rows (or columns); symmetric, zero diagonal."""
     layout = model.layout(inputs)
     grid = getattr(layout, axis)[layout.image_positions(image) & (layout.crop == crop)]
     n = int(grid.max()) + 1
-    base = metric(model(**inputs)).float().cpu()
+    check_batch_size(batch_size)
+    base = metric_values(metric, model(**inputs))
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     edits = [(strip_mask(layout, axis, i, image, crop), strip_mask(layout, axis, j, image, crop)) for i, j in pairs]
-    vals = _edit_sweep(model, inputs, hook_name, edits, metric, chunk_size) if pairs else torch.empty(0, len(base))
+    vals = _edit_sweep(model, inputs, hook_name, edits, metric, batch_size, progress) if pairs else torch.empty(0, len(base))
     out = torch.zeros(n, n)
     for (i, j), v in zip(pairs, vals):
         out[i, j] = out[j, i] = (v - base).mean()
@@ -297,7 +306,7 @@ def amplification(
 
 @torch.no_grad()
 def amplify(
-    model: Any,
+    model: "HookedVLM",
     inputs: dict[str, Any],
     directions: Float[Tensor, "k d_model"],
     alpha: float | int,
@@ -319,33 +328,6 @@ def amplify(
     with model.hooks(fwd_hooks=[(hook_name, hook)]):
         logits = model(**inputs)
     return logits if metric is None else metric(logits)
-
-
-# ------------------------------------------------------------------------------------------ Shapes labels
-def shapes_token_labels(model: Any, inputs: dict[str, Any], scenes: Sequence[Any], attribute: str = "colour",
-                        layout: Any = None) -> Int[Tensor, "batch pos"]:
-    """Per image token of Shapes prompts: the covering object's colour / shape index (COLOURS / SHAPES order;
-    len(...) = background), or for attribute="block" 0 background, 1 + the object's block (upper-left 0 /
-    lower-right 1). Coverage = Scene.object_patches (row-major patch indices); -1 off the image."""
-    from hooked_vlm.organism import COLOURS, SHAPES
-
-    if layout is not None:
-        layout.check_inputs(inputs["input_ids"])  # a layout of other prompts would select wrong tokens silently
-    layout = layout or model.layout(inputs)
-    scenes = [getattr(s, "scene", s) for s in scenes]
-    out = torch.full(layout.shape, -1, dtype=torch.long)
-    for bi, sc in enumerate(scenes):
-        img = layout.image_positions(0)[bi]
-        cols = int(layout.grids[bi][0][0][1])
-        patch = layout.row[bi] * cols + layout.col[bi]
-        bg = {"colour": len(COLOURS), "shape": len(SHAPES), "block": 0}[attribute]
-        out[bi, img] = bg
-        for i in range(2):
-            val = {"colour": lambda: COLOURS.index(sc.colours[i]), "shape": lambda: SHAPES.index(sc.shapes[i]),
-                   "block": lambda: 1 + sc.slots[i]}[attribute]()
-            covered = torch.isin(patch, torch.tensor(sc.object_patches(i))) & img
-            out[bi, covered] = val
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ plots

@@ -98,3 +98,59 @@ def nnsight_sweep(nm: Any, clean: dict, corrupt: dict, metric: Callable[[Tensor]
                 store["logits"] = nm.output.logits.save()
             scores[i, j] = metric(store["logits"]).float().mean().cpu()
     return scores, clean_value, corrupt_value
+
+
+# ------------------------------------------------------------------------------------ head sweep (hook_z)
+def head_dim(hf: Any) -> int:
+    c = hf.config.text_config
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+@torch.no_grad()
+def hf_head_sweep(hf: Any, clean: dict, corrupt: dict, metric: Callable[[Tensor], Tensor], layers: Sequence[int],
+                  heads: Sequence[int], position: int) -> Tensor:
+    """Head patching with torch hooks on HF: head h's output at `position` (the input of o_proj, columns
+    h*d_head..) taken from the clean run into the corrupt one, one forward per (layer, head) -> scores [layer, head]."""
+    blocks, dh = decoder_layers(hf), head_dim(hf)
+    store: dict[int, Tensor] = {}
+    handles = [blocks[l].self_attn.o_proj.register_forward_pre_hook(
+        lambda m, args, l=l: store.__setitem__(l, args[0].detach().clone())) for l in layers]
+    try:
+        hf(**clean)
+    finally:
+        for h in handles:
+            h.remove()
+    scores = torch.empty(len(layers), len(heads))
+    for i, l in enumerate(layers):
+        for j, h in enumerate(heads):
+            def pre_hook(module, args, l=l, h=h):
+                x = args[0].clone()
+                x[:, position, h * dh:(h + 1) * dh] = store[l][:, position, h * dh:(h + 1) * dh]
+                return (x,) + tuple(args[1:])
+
+            handle = blocks[l].self_attn.o_proj.register_forward_pre_hook(pre_hook)
+            try:
+                scores[i, j] = metric(hf(**corrupt).logits).float().mean().cpu()
+            finally:
+                handle.remove()
+    return scores
+
+
+@torch.no_grad()
+def nnsight_head_sweep(nm: Any, clean: dict, corrupt: dict, metric: Callable[[Tensor], Tensor], layers: Sequence[int],
+                       heads: Sequence[int], position: int, d_head: int) -> Tensor:
+    """The same head sweep with nnsight: one trace saving o_proj's inputs, then one trace per (layer, head)."""
+    blocks, dh = nm.model.language_model.layers, d_head
+    store: dict[str, Any] = {}
+    with nm.trace(**clean):
+        store["z"] = [blocks[l].self_attn.o_proj.input.save() for l in layers]
+    scores = torch.empty(len(layers), len(heads))
+    for i, l in enumerate(layers):
+        src = store["z"][i]
+        for j, h in enumerate(heads):
+            cols = slice(h * dh, (h + 1) * dh)
+            with nm.trace(**corrupt):
+                blocks[l].self_attn.o_proj.input[:, position, cols] = src[:, position, cols]
+                store["logits"] = nm.output.logits.save()
+            scores[i, j] = metric(store["logits"]).float().mean().cpu()
+    return scores

@@ -4,12 +4,13 @@ A decoder is causal and layered, so an edit at block `l`, positions >= `p0` cann
 layers, nor at earlier positions of any layer. `capture` runs the model once and keeps, for every block, its
 input residual stream and its (rotated) keys and values; `resume` then runs blocks `l..` on positions `p0..`
 only, attending to the saved keys/values of positions `< p0`, for `n` copies of the batch at once (the layout of
-`batching.repeat_inputs`, so `analyses._hooks.slot_patch_hooks` can give each copy its own patch). Logits at
+`batching.repeat_inputs`, so the analyses' sweep engine (`analyses.toolkit.sweep`) can give each copy its own patch). Logits at
 positions `< p0` are the saved ones.
 
 Hooks registered on the model fire during `resume` as in a forward, but they see positions `p0..` only (and
-blocks `l..`): that is the point. `analyses.patching.patch_sweep` uses this for `blocks.*` sites (set
-``reuse_prefix=False`` to rerun everything); results equal full forwards up to float round-off (tested).
+blocks `l..`): that is the point. The analyses' sweep engine (`analyses.toolkit.sweep.run_sites`) resumes every
+sweep's decoder sites this way (``reuse_prefix=False`` reruns everything); results equal full forwards up to float
+round-off (tested).
 
 Worked example (one prompt, 1,000 tokens, 8 layers; patch resid_pre at layer 5, position 990): the forward runs
 3 blocks x 10 queries instead of 8 blocks x 1,000, and no vision tower.
@@ -67,8 +68,15 @@ def capture(model: Any, inputs: dict[str, Any]) -> SavedRun:
     return SavedRun(resid, keys, values, rotary, mask, logits, inject)
 
 
-def _repeat(t: Tensor, n: int) -> Tensor:
-    return t if n == 1 else torch.cat([t] * n, dim=0)
+def _repeat(t: Tensor, n: int, view: bool = False) -> Tensor:
+    """n copies of `t` along dim 0. view=True (read-only uses: past keys / values, saved logits) gives a
+    stride-0 view for one prompt, which the concatenation after it copies once; activations that hooks may
+    edit in place are always real copies."""
+    if n == 1:
+        return t
+    if view and t.shape[0] == 1:
+        return t.expand(n, *t.shape[1:])
+    return torch.cat([t] * n, dim=0)
 
 
 def resume(model: Any, saved: SavedRun, layer: int, pos: int, n: int = 1) -> Float[Tensor, "nB S d_vocab"]:
@@ -83,13 +91,13 @@ def resume(model: Any, saved: SavedRun, layer: int, pos: int, n: int = 1) -> Flo
     rotary = tuple(_repeat(t[:, pos:], n) for t in saved.rotary)
     mask = None if saved.mask is None else _repeat(saved.mask[:, :, pos:], n)
     for i in range(layer, n_layers):
-        past = (_repeat(saved.keys[i][:, :pos], n), _repeat(saved.values[i][:, :pos], n)) if pos else None
+        past = (_repeat(saved.keys[i][:, :pos], n, True), _repeat(saved.values[i][:, :pos], n, True)) if pos else None
         add = (saved.inject or {}).get(i)
         x = model.blocks[i](x, rotary, mask, past, inject=None if add is None else _repeat(add[:, pos:], n))
     tail = model.unembed(model.ln_final(x.to(model.unembed.weight.device)))
     if pos == 0:
         return tail
-    return torch.cat([_repeat(saved.logits[:, :pos], n), tail], dim=1)
+    return torch.cat([_repeat(saved.logits[:, :pos], n, True), tail], dim=1)
 
 
 __all__ = ["SavedRun", "capture", "resume"]

@@ -4,11 +4,13 @@ import pytest
 import torch
 from tiny import llava_inputs, tiny_llava
 
-from analyses.binding import (binding_deltas, plot_factorizability_grid, plot_position_sweep, shapes_mean_intervention, shapes_position_swap, delta_positions, factorizability, mean_intervention,
-                              plot_factorizability, plot_mean_intervention, position_swap, random_deltas,
-                              read_answers, rerotate_keys, resid_names, rotation, run_with_resid, shapes_context,
-                              shapes_factorizability, shapes_slots, slot_means, swap_slot)
-from analyses.heads import run_cached
+from analyses.binding import (binding_deltas, plot_factorizability_grid, plot_position_sweep, delta_positions,
+                              factorizability, mean_intervention, plot_factorizability, plot_mean_intervention,
+                              position_swap, random_deltas, read_answers, rerotate_keys, resid_names, rotation,
+                              run_with_resid, slot_means, swap_slot)
+from analyses.tasks import (shapes_context, shapes_factorizability, shapes_mean_intervention, shapes_position_swap,
+                            shapes_slots)
+from analyses.toolkit import run_cached
 from hooked_vlm import HookedVLM
 from hooked_vlm.components.rotary import RotaryEmbedding, apply_rotary
 from hooked_vlm.organism import ORGANISM_DIR

@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 
-from analyses.edges import (eap, eap_ig, edge_effects, faithfulness, node_activations, node_names, patch_edges,
-                            prune, receiver_names, valid_edges, vision_depth)
+from analyses.edge_graph import node_activations, node_names, receiver_names, valid_edges, vision_depth
+from analyses.edge_patching import edge_effects, faithfulness, patch_edges, prune
+from analyses.edges import eap, eap_ig
 from analyses.metrics import LogitDiff
 from hooked_vlm import HookedVLM
 from tiny import llava_inputs, tiny_llava

@@ -6,8 +6,8 @@ import torch
 from tiny import llava_inputs, tiny_llava
 
 from analyses.heads import (feature_retrieval_scores, head_scores, id_retrieval_scores, id_selection_scores,
-                            intervene_heads, mean_head_outputs, transplant_sweep, plot_head_scores, run_cached,
-                            top_k_heads, word_positions, z_name)
+                            intervene_heads, mean_head_outputs, plot_head_scores, top_k_heads)
+from analyses.toolkit import act_name, run_cached, transplant_sweep, word_positions
 from analyses.metrics import LogitDiff
 from hooked_vlm import HookedVLM
 from hooked_vlm.organism import ORGANISM_DIR
@@ -30,7 +30,7 @@ def final(model, inputs):
 
 def test_patching_with_the_clean_run_gives_zero(setup):
     model, clean, _ = setup
-    s = head_scores(model, clean, clean, LogitDiff(A_STAR, A), final(model, clean))
+    s = head_scores(model, clean, clean, LogitDiff(A_STAR, A), positions=final(model, clean))
     assert s.shape == (model.cfg.n_layers, model.cfg.n_heads)
     assert s.abs().max() < 1e-4
 
@@ -38,8 +38,8 @@ def test_patching_with_the_clean_run_gives_zero(setup):
 def test_swapping_the_answers_flips_the_sign_and_scores_are_not_trivial(setup):
     model, clean, cf = setup
     pos = model.layout(clean).image_positions() | final(model, clean)
-    s = head_scores(model, clean, cf, LogitDiff(A_STAR, A), pos)
-    t = head_scores(model, clean, cf, LogitDiff(A, A_STAR), pos)
+    s = head_scores(model, clean, cf, LogitDiff(A_STAR, A), positions=pos)
+    t = head_scores(model, clean, cf, LogitDiff(A, A_STAR), positions=pos)
     assert torch.allclose(s, -t, atol=1e-5)
     assert s.abs().max() > 1e-3
 
@@ -49,21 +49,21 @@ def test_batched_equals_looped_equals_a_hand_written_hook(setup):
     pos = model.layout(clean).image_positions()
     metric = LogitDiff(A_STAR, A)
     heads = [(0, 1), (1, 3), (2, 0), (2, 2), (0, 0)]
-    batched = head_scores(model, clean, cf, metric, pos, heads=heads, chunk_size=16, per_prompt=True)
-    looped = head_scores(model, clean, cf, metric, pos, heads=heads, chunk_size=1, per_prompt=True)
+    batched = head_scores(model, clean, cf, metric, positions=pos, heads=heads, batch_size=16, per_prompt=True)
+    looped = head_scores(model, clean, cf, metric, positions=pos, heads=heads, batch_size=1, per_prompt=True)
     torch.testing.assert_close(batched, looped, atol=1e-4, rtol=1e-4, equal_nan=True)
     assert torch.isnan(batched[1, 0]).all() and not torch.isnan(batched[1, 3]).any()
     # independent reference for one head
-    _, cache = run_cached(model, cf, [z_name(1)])
+    _, cache = run_cached(model, cf, [act_name("z", 1)])
 
     def hook(z, hook):
         z = z.clone()
-        z[:, :, 3][pos] = cache[z_name(1)][:, :, 3][pos]
+        z[:, :, 3][pos] = cache[act_name("z", 1)][:, :, 3][pos]
         return z
 
     with torch.no_grad():
         base = metric(model(**clean))
-        patched = metric(model.run_with_hooks(**clean, fwd_hooks=[(z_name(1), hook)]))
+        patched = metric(model.run_with_hooks(**clean, fwd_hooks=[(act_name("z", 1), hook)]))
     torch.testing.assert_close(batched[1, 3], patched - base, atol=1e-4, rtol=1e-4)
 
 
@@ -82,10 +82,10 @@ def test_role_swap_is_antisymmetric_where_the_readout_is_linear(setup):
     m = linear_readout(model)
     last = m.cfg.n_layers - 1
     heads = [(last, h) for h in range(m.cfg.n_heads)]
-    fwd = head_scores(m, clean, cf, LogitDiff(A_STAR, A), final(m, clean), heads=heads, per_prompt=True)
-    back = head_scores(m, cf, clean, LogitDiff(A_STAR, A), final(m, cf), heads=heads, per_prompt=True)
+    fwd = head_scores(m, clean, cf, LogitDiff(A_STAR, A), positions=final(m, clean), heads=heads, per_prompt=True)
+    back = head_scores(m, cf, clean, LogitDiff(A_STAR, A), positions=final(m, cf), heads=heads, per_prompt=True)
     torch.testing.assert_close(fwd[last], -back[last], atol=1e-4, rtol=1e-4)  # same answer labels: -s
-    swapped = head_scores(m, cf, clean, LogitDiff(A, A_STAR), final(m, cf), heads=heads, per_prompt=True)
+    swapped = head_scores(m, cf, clean, LogitDiff(A, A_STAR), positions=final(m, cf), heads=heads, per_prompt=True)
     torch.testing.assert_close(fwd[last], swapped[last], atol=1e-4, rtol=1e-4)  # answers swapped with the runs
     assert fwd[last].abs().max() > 1e-3
 
@@ -99,19 +99,19 @@ def test_presets_and_different_source_positions(setup):
     # patch image tokens from a shifted place in the source: masks differ but hold as many positions per prompt
     img = model.layout(clean).image_positions()
     shifted = torch.roll(img, 1, dims=1)
-    a = id_retrieval_scores(model, clean, cf, metric, img, shifted, heads=[(0, 0), (1, 1)])
+    a = id_retrieval_scores(model, clean, cf, metric, positions=img, corrupt_positions=shifted, heads=[(0, 0), (1, 1)])
     assert torch.isfinite(a[0, 0]) and torch.isfinite(a[1, 1])
     with pytest.raises(ValueError, match="number per prompt"):
-        head_scores(model, clean, cf, metric, img, final(model, cf), heads=[(0, 0)])
+        head_scores(model, clean, cf, metric, positions=img, corrupt_positions=final(model, cf), heads=[(0, 0)])
 
 
 def test_patch_sweep_of_whole_activations_matches_heads(setup):
     model, clean, cf = setup
     pos = final(model, clean)
-    _, cache = run_cached(model, cf, [z_name(2)])
-    whole = transplant_sweep(model, clean, cache, [(z_name(2), None)], LogitDiff(A_STAR, A), pos)
-    per_head = transplant_sweep(model, clean, cache, [(z_name(2), h) for h in range(model.cfg.n_heads)],
-                           LogitDiff(A_STAR, A), pos)
+    _, cache = run_cached(model, cf, [act_name("z", 2)])
+    whole = transplant_sweep(model, clean, cache, [(act_name("z", 2), None)], LogitDiff(A_STAR, A), positions=pos)
+    per_head = transplant_sweep(model, clean, cache, [(act_name("z", 2), h) for h in range(model.cfg.n_heads)],
+                                LogitDiff(A_STAR, A), positions=pos)
     assert whole.shape == (1, 2) and per_head.shape == (model.cfg.n_heads, 2)
 
 
@@ -136,7 +136,7 @@ def test_intervention_alpha_zero_is_identity_and_alpha_one_is_patching(setup):
     torch.testing.assert_close(intervene_heads(model, c1, heads, 3.0, d_t, d_t, pos), base)
     # alpha = 1 on one head at the final token adds (z_cf - z_clean): exactly the head patch
     one = intervene_heads(model, c1, heads[:1], 1.0, d_t[:1], d_o[:1], pos, metric=metric)
-    s = head_scores(model, c1, f1, metric, pos, heads=heads[:1], per_prompt=True)
+    s = head_scores(model, c1, f1, metric, positions=pos, heads=heads[:1], per_prompt=True)
     torch.testing.assert_close(one - metric(base), s[2, 1], atol=1e-4, rtol=1e-4)
 
 
@@ -160,7 +160,7 @@ def test_shapes_described_positions():
     from hooked_vlm.organism import ShapesGenerator
     from hooked_vlm.organism.processing import build_tokenizer
 
-    from analyses.heads import shapes_described_positions
+    from analyses.tasks import shapes_described_positions
 
     tok = build_tokenizer()
     g = ShapesGenerator(0)

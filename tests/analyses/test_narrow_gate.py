@@ -47,6 +47,26 @@ def test_position_sets(setup):
     assert not key_positions(lay, "none").any()
     with pytest.raises(ValueError, match="unknown knockout condition"):
         key_positions(lay, "everything")
+    # malformed specs are errors (issue 15: "random_-3" used to knock out all but 3 image tokens)
+    for bad in ("random_-3", "random_0", "random_ten"):
+        with pytest.raises(ValueError, match="malformed position spec"):
+            key_positions(lay, bad)
+    # a 0/1 integer mask is a mask, never indices 0 and 1
+    assert torch.equal(key_positions(lay, lay.image_positions().long()), lay.image_positions())
+    with pytest.raises(ValueError, match="does not match the sequence length"):
+        key_positions(lay, torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_knockout_table_rejects_bad_sizes_and_empty_conditions(setup):
+    model, inputs, _, _ = setup
+    metric = LogitDiff([3], [4])
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            knockout_table(model, inputs, metric, batch_size=bad, progress=False)
+    with pytest.raises(ValueError, match="no conditions"):
+        knockout_table(model, inputs, metric, conditions=(), progress=False)
+    with pytest.raises(ValueError, match=r"got shape \(\)"):
+        knockout_table(model, inputs, lambda x: x[:, -1, 3].sum(), progress=False)
 
 
 def test_empty_key_set_is_identity(setup):

@@ -41,7 +41,7 @@ def test_clean_counterfactual_has_no_effect(setup):
     model, clean, _, metric = setup
     sets = [[(0, 0)], [(0, 1), (1, 3)], [(l, h) for l in range(2) for h in range(4)]]
     for receivers in ("logits", head_receivers(model, 2, 1)):
-        res = path_patch(model, clean, clean, metric, sets, receivers, per_prompt=True, progress=False)
+        res = path_patch(model, clean, clean, metric, senders=sets, receivers=receivers, per_prompt=True, progress=False)
         torch.testing.assert_close(res.effect(), torch.zeros_like(res.scores), **TOL)
 
 
@@ -49,9 +49,9 @@ def test_last_layer_to_logits_is_activation_patching(setup):
     model, clean, cf, metric = setup
     last = model.cfg.n_layers - 1
     heads = [[(last, h)] for h in range(4)] + [[(last, h) for h in range(4)]]
-    ours = path_patch(model, clean, cf, metric, heads, "logits", freeze_mlps=False, per_prompt=True, progress=False)
+    ours = path_patch(model, clean, cf, metric, senders=heads, receivers="logits", freeze_mlps=False, per_prompt=True, progress=False)
     sites = [(f"blocks.{last}.attn.hook_z", None, [h]) for h in range(4)] + [(f"blocks.{last}.attn.hook_z", None, None)]
-    act = patch_sweep(model, clean, cf, metric, sites, direction="noise", per_prompt=True, progress=False)
+    act = patch_sweep(model, clean, cf, metric, sites=sites, direction="noise", per_prompt=True, progress=False)
     torch.testing.assert_close(ours.scores, act.scores, **TOL)
     assert ours.effect().abs().max() > 1e-3
 
@@ -73,7 +73,7 @@ def test_matches_direct_path_formula(setup):
     final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     cc.cache_dict["final"] = cc[final]
     expected = metric(decode(model, patched_resid("final")))
-    res = path_patch(model, clean, cf, metric, [senders], "logits", per_prompt=True, progress=False)
+    res = path_patch(model, clean, cf, metric, senders=[senders], receivers="logits", per_prompt=True, progress=False)
     torch.testing.assert_close(res.scores[0], expected.detach(), **TOL)
     # q of head 3 and k of kv head 0 at layer 2: recomputed from the path-patched resid_pre with the layer's modules
     block = model.blocks[2]
@@ -92,20 +92,20 @@ def test_matches_direct_path_formula(setup):
 
     with torch.no_grad(), model.hooks(fwd_hooks=[("blocks.2.attn.hook_q", put), ("blocks.2.attn.hook_k", put)]):
         expected = metric(model(**clean))
-    res = path_patch(model, clean, cf, metric, [senders], [(2, "q", 3), (2, "k", 0)], per_prompt=True, progress=False)
+    res = path_patch(model, clean, cf, metric, senders=[senders], receivers=[(2, "q", 3), (2, "k", 0)], per_prompt=True, progress=False)
     torch.testing.assert_close(res.scores[0], expected, **TOL)
     assert (res.scores[0] - res.clean).abs().max() > 1e-4
 
 
 def test_no_path_backwards_and_batching(setup):
     model, clean, cf, metric = setup
-    res = path_patch(model, clean, cf, metric, [[(1, 0)], [(1, 2), (2, 1)]], head_receivers(model, 1, 2),
+    res = path_patch(model, clean, cf, metric, senders=[[(1, 0)], [(1, 2), (2, 1)]], receivers=head_receivers(model, 1, 2),
                      per_prompt=True, progress=False)
     torch.testing.assert_close(res.effect(), torch.zeros_like(res.scores), **TOL)
     recv = head_receivers(model, 2, 0) + [(1, "v", 1)]
-    kw = dict(per_prompt=True, progress=False, receiver_positions=[-1, -2], sender_positions=torch.arange(26) > 3)
-    batched = path_patch_heads(model, clean, cf, metric, recv, batch_size=16, **kw)
-    loop = path_patch_heads(model, clean, cf, metric, recv, batch_size=1, **kw)
+    kw = dict(per_prompt=True, progress=False, receiver_positions=[25, 24], sender_positions=torch.arange(26) > 3)
+    batched = path_patch_heads(model, clean, cf, metric, receivers=recv, batch_size=16, **kw)
+    loop = path_patch_heads(model, clean, cf, metric, receivers=recv, batch_size=1, **kw)
     assert batched.scores.shape == (3, 4, 2)
     torch.testing.assert_close(batched.scores, loop.scores, **TOL)
     assert batched.effect()[:2].abs().max() > 1e-4  # layers 0, 1 reach layer 2
@@ -118,7 +118,7 @@ OTHER_SENDERS = ["MLP0", "MLP2", "embed_image", "embed_text", "V0", "projector",
 
 def test_other_senders_from_the_clean_run_have_no_effect(setup):
     model, clean, _, metric = setup
-    res = path_patch(model, clean, clean, metric, OTHER_SENDERS, "logits", per_prompt=True, progress=False)
+    res = path_patch(model, clean, clean, metric, senders=OTHER_SENDERS, receivers="logits", per_prompt=True, progress=False)
     torch.testing.assert_close(res.effect(), torch.zeros_like(res.scores), **TOL)
     assert res.labels["sender"][-1] == ["L1H2", "MLP1", "V0"] and res.labels["sender"][-2] == ["V.embed"]
 
@@ -128,13 +128,13 @@ def test_image_path_senders_are_silent_when_only_the_text_changes(setup):
     model, clean, cf, metric = setup
     text_cf = dict(cf, pixel_values=clean["pixel_values"])
     recv = head_receivers(model, 2, 1)
-    res = path_patch(model, clean, text_cf, metric, OTHER_SENDERS, recv, per_prompt=True, progress=False)
+    res = path_patch(model, clean, text_cf, metric, senders=OTHER_SENDERS, receivers=recv, per_prompt=True, progress=False)
     effect = dict(zip(map(str, res.labels["sender"]), res.effect()))
     for silent in ("['embed_image']", "['V0']", "['projector']", "['V.embed']"):
         torch.testing.assert_close(effect[silent], torch.zeros(2, dtype=torch.float64), **TOL)
     assert effect["['embed_text']"].abs().max() > 1e-4 and effect["['MLP0']"].abs().max() > 1e-4
     image_cf = dict(clean, pixel_values=cf["pixel_values"])
-    res = path_patch(model, clean, image_cf, metric, ["embed_text", "V0", "projector", "V.embed"], recv,
+    res = path_patch(model, clean, image_cf, metric, senders=["embed_text", "V0", "projector", "V.embed"], receivers=recv,
                      per_prompt=True, progress=False)
     torch.testing.assert_close(res.effect()[0], torch.zeros(2, dtype=torch.float64), **TOL)
     assert res.effect()[1:].abs().amin(-1).max() > 1e-5
@@ -143,9 +143,9 @@ def test_image_path_senders_are_silent_when_only_the_text_changes(setup):
 def test_last_mlp_to_logits_is_activation_patching(setup):
     model, clean, cf, metric = setup
     last = model.cfg.n_layers - 1
-    ours = path_patch(model, clean, cf, metric, [f"MLP{last}"], "logits", freeze_mlps=False, per_prompt=True,
+    ours = path_patch(model, clean, cf, metric, senders=[f"MLP{last}"], receivers="logits", freeze_mlps=False, per_prompt=True,
                       progress=False)
-    act = patch_sweep(model, clean, cf, metric, [f"blocks.{last}.hook_mlp_out"], direction="noise", per_prompt=True,
+    act = patch_sweep(model, clean, cf, metric, sites=[f"blocks.{last}.hook_mlp_out"], direction="noise", per_prompt=True,
                       progress=False)
     torch.testing.assert_close(ours.scores, act.scores, **TOL)
     assert ours.effect().abs().max() > 1e-4
@@ -169,7 +169,7 @@ def test_projector_sender_matches_direct_path_formula(setup):
 
     with torch.no_grad(), model.hooks(fwd_hooks=[("blocks.1.attn.hook_q", put)]):
         expected = metric(model(**clean))
-    res = path_patch(model, clean, image_cf, metric, ["projector"], [(1, "q", 0)], per_prompt=True, progress=False)
+    res = path_patch(model, clean, image_cf, metric, senders=["projector"], receivers=[(1, "q", 0)], per_prompt=True, progress=False)
     torch.testing.assert_close(res.scores[0], expected, **TOL)
     assert (res.scores[0] - res.clean).abs().max() > 1e-6
 
@@ -177,19 +177,19 @@ def test_projector_sender_matches_direct_path_formula(setup):
 def test_bad_senders_are_named(setup):
     model, clean, cf, metric = setup
     with pytest.raises(ValueError, match="unknown sender 'MLPx'"):
-        path_patch(model, clean, cf, metric, ["MLPx"], "logits", progress=False)
+        path_patch(model, clean, cf, metric, senders=["MLPx"], receivers="logits", progress=False)
     with pytest.raises(ValueError, match="V9 is out of range"):
-        path_patch(model, clean, cf, metric, ["V9"], "logits", progress=False)
+        path_patch(model, clean, cf, metric, senders=["V9"], receivers="logits", progress=False)
 
 
 def test_the_whole_tower_as_senders_equals_the_projector(setup):
     """With the tower's input and every running block at their counterfactual values, the tower's output (so the
     projector's) is the counterfactual one: the set ["V.embed", "V0", ...] equals the "projector" sender exactly."""
-    from analyses.edges import vision_depth
+    from analyses.edge_graph import vision_depth
 
     model, clean, cf, metric = setup
     tower = ["V.embed"] + [f"V{k}" for k in range(vision_depth(model))]
-    res = path_patch(model, clean, cf, metric, [tower, "projector"], head_receivers(model, 2, 0), per_prompt=True,
+    res = path_patch(model, clean, cf, metric, senders=[tower, "projector"], receivers=head_receivers(model, 2, 0), per_prompt=True,
                      progress=False)
     torch.testing.assert_close(res.scores[0], res.scores[1], rtol=1e-9, atol=1e-9)
     assert res.effect().abs().max() > 1e-4

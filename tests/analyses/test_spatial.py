@@ -81,11 +81,11 @@ def test_last_token_patching(setup):
     same = last_token_patching(model, inputs, inputs, METRIC, per_prompt=True)
     torch.testing.assert_close(same, clean_m[None].expand_as(same), atol=1e-4, rtol=1e-4)
     # the last layer's resid_post at the final token IS the counterfactual's read-out
-    post = last_token_patching(model, inputs, cf, METRIC, kind="resid_post", per_prompt=True)
+    post = last_token_patching(model, inputs, cf, METRIC, hook="resid_post", per_prompt=True)
     with torch.no_grad():
         cf_m = METRIC(model(**cf))
     torch.testing.assert_close(post[-1], cf_m, atol=1e-4, rtol=1e-4)
-    looped = last_token_patching(model, inputs, cf, METRIC, kind="resid_post", chunk_size=1, per_prompt=True)
+    looped = last_token_patching(model, inputs, cf, METRIC, hook="resid_post", batch_size=1, per_prompt=True)
     torch.testing.assert_close(post, looped, atol=1e-4, rtol=1e-4)
     assert post.shape == (model.cfg.n_layers, 2)
 
@@ -104,7 +104,7 @@ def test_swapping_a_row_with_itself_is_identity_and_swaps_move_features(setup):
 
 def test_strip_swap_matrix_is_symmetric_and_batched_equals_single(setup):
     model, inputs, _, base = setup
-    m = strip_swap_matrix(model, inputs, METRIC, "col", chunk_size=4)
+    m = strip_swap_matrix(model, inputs, METRIC, "col", batch_size=4)
     assert m.shape == (4, 4) and torch.equal(m, m.T) and (m.diag() == 0).all()
     single = (METRIC(swap_strips(model, inputs, "col", 0, 2)) - METRIC(base)).mean()
     torch.testing.assert_close(m[0, 2], single, atol=1e-4, rtol=1e-4)
@@ -165,7 +165,7 @@ def test_organism_image_lookup_reaches_the_final_token_in_layer_1(organism):
 def test_organism_probes_read_colour_and_place_from_projector_outputs(organism):
     """Per image token of the projector output: the covering object's colour is linearly decodable (test
     accuracy > 0.95, chance ~0.6 with the background class), and so is which block it lies in."""
-    from analyses.spatial import shapes_token_labels
+    from analyses.tasks import shapes_token_labels
     from analyses.tasks import encode
     from hooked_vlm.organism import ShapesGenerator
 

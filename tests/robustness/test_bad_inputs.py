@@ -126,10 +126,10 @@ def test_position_sets_outside_sequence(qwen):
         lay._one_per_row(torch.tensor([0, 99]))
     with pytest.raises(ValueError, match="asked for 1000 random image tokens"):
         lay.random_image_tokens(1000)
-    from analyses._hooks import as_position_mask
+    from analyses.toolkit import as_positions
 
     with pytest.raises(ValueError, match="outside a sequence of length 5"):
-        as_position_mask([7], 5)
+        as_positions([7], 5)
 
 
 def _metric(logits):
@@ -142,7 +142,7 @@ def test_patching_rejects_masks_of_other_inputs(llava):
     model, inputs = llava
     short = {**inputs, "input_ids": inputs["input_ids"][:, :-2], "attention_mask": inputs["attention_mask"][:, :-2]}
     other_mask = model.layout(short).image_positions()  # [2, pos - 2]: from other inputs
-    with pytest.raises(ValueError, match="position mask"):
+    with pytest.raises(ValueError, match="mask of length 25 .* does not match the sequence length 27"):
         patch_by_layer(model, inputs, inputs, _metric, positions=other_mask, layers=[0], progress=False)
     assert not any(hp.has_hooks() for hp in model.hook_dict.values())
 
@@ -151,15 +151,15 @@ def test_knockout_rejects_masks_of_other_inputs(llava):
     from analyses.narrow_gate import run_with_knockout
 
     model, inputs = llava
-    with pytest.raises(ValueError, match="knockout masks of length"):
+    with pytest.raises(ValueError, match="mask of length 5 .* does not match the sequence length 27"):
         run_with_knockout(model, inputs, keys=torch.zeros(2, 5, dtype=torch.bool))
     assert not any(hp.has_hooks() for hp in model.hook_dict.values())
 
 
 def test_analyses_check_a_given_layout(llava):
     """Analyses that take `layout=` check it was built from these inputs (same shape, other tokens included)."""
-    from analyses.binding import shapes_slots
-    from analyses.spatial import activations_at, shapes_token_labels
+    from analyses.spatial import activations_at
+    from analyses.tasks import shapes_slots, shapes_token_labels
 
     model, inputs = llava
     other = dict(inputs, input_ids=inputs["input_ids"].clone())

@@ -1,17 +1,16 @@
-"""Shared helpers for the analyses: hook-name resolution, position / head masks, and patch hooks that give every
-slice of a repeated batch its own patch.
+"""Hook names and site masks: hook-name resolution (TransformerLens' `get_act_name` conventions), head / position
+masks of a site, and patch hooks that give every slice of a repeated batch its own patch.
 
-Conventions used by `patching`, `attribution` and `narrow_gate`:
+Conventions used by every analysis:
 
 * A *hook* is given either as a short kind (``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``, ``"attn_out"``,
   ``"mlp_out"``, ``"z"``, ``"result"``, ``"q"``, ``"k"``, ``"v"``, ``"pattern"``, ``"attn_scores"``,
   ``"mlp_post"``), which names the decoder's ``blocks.{layer}.*`` hook, or as a template with ``{layer}``
   (``"vision.blocks.{layer}.hook_resid_post"``), or as a full hook name (``"projector.hook_out"``).
   The number of layers is read from the model's hook names, never assumed.
-* A *position set* is a boolean mask: ``[batch, pos]`` (one row per prompt, as `TokenLayout` gives), or 1-D
-  ``[pos]`` (the same positions in every prompt / image); int lists are accepted where documented. For hooks
-  whose leading dims are not [batch, pos] (vision hooks: [n_img, pos, ...]) the mask must match the
-  activation's leading dims.
+* A *position set* is read by `toolkit.positions.as_positions` (bool or 0/1 masks [pos] / [batch, pos],
+  indices). For hooks whose leading dims are not [batch, pos] (vision hooks: [n_img, pos, ...]) a mask must
+  match the activation's leading dims.
 * Attention-pattern hooks (``hook_pattern``, ``hook_attn_scores``: [batch, head, query, key]) take the position
   mask over the *query* axis.
 """
@@ -19,26 +18,15 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
-SHORT_HOOKS: dict[str, str] = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "mlp_post": "blocks.{layer}.mlp.hook_post",
-    "q": "blocks.{layer}.attn.hook_q",
-    "k": "blocks.{layer}.attn.hook_k",
-    "v": "blocks.{layer}.attn.hook_v",
-    "z": "blocks.{layer}.attn.hook_z",
-    "result": "blocks.{layer}.attn.hook_result",
-    "pattern": "blocks.{layer}.attn.hook_pattern",
-    "attn_scores": "blocks.{layer}.attn.hook_attn_scores",
-}
+if TYPE_CHECKING:
+    from hooked_vlm import HookedVLM
+
 HEAD_FIRST = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]
 HEAD_THIRD = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_rot_q", "hook_rot_k")  # [batch, pos, head, d]
 KV_HOOKS = ("hook_k", "hook_v", "hook_rot_k")
@@ -46,11 +34,27 @@ KV_HOOKS = ("hook_k", "hook_v", "hook_rot_k")
 
 
 def hook_template(hook: str) -> str:
-    """Short kind -> ``blocks.{layer}.*`` template; templates and full names pass through."""
-    return SHORT_HOOKS.get(hook, hook)
+    """Short kind -> ``blocks.{layer}.*`` template by TransformerLens' `get_act_name` ("resid_pre",
+    "attn_out", "z", "pattern", "mlp_post", "k", ...); ``{layer}`` templates and full names pass through."""
+    if not isinstance(hook, str) or not hook:
+        raise TypeError(f"a hook is a short kind, a {{layer}} template or a hook name; got {hook!r}")
+    if "." in hook or hook.startswith("hook_"):
+        return hook
+    return get_act_name(hook, "{layer}")
 
 
-def n_layers_of(model: Any, template: str) -> int:
+def act_name(hook: str, layer: int | None = None) -> str:
+    """The hook name of `hook` (short kind, template or full name) at `layer`: ``act_name("resid_pre", 3)`` ->
+    ``"blocks.3.hook_resid_pre"``, as TransformerLens' ``get_act_name`` (and ``cache["resid_pre", 3]``)."""
+    template = hook_template(hook)
+    if "{layer}" in template:
+        if layer is None:
+            raise ValueError(f"hook {hook!r} needs a layer")
+        return template.format(layer=int(layer))
+    return template
+
+
+def n_layers_of(model: "HookedVLM", template: str) -> int:
     """How many consecutive layers 0, 1, ... the model has a hook ``template.format(layer=l)`` for."""
     if "{layer}" not in template:
         raise ValueError(f"hook {template!r} has no {{layer}} placeholder")
@@ -62,7 +66,7 @@ def n_layers_of(model: Any, template: str) -> int:
     return n
 
 
-def resolve_layers(model: Any, template: str, layers: int | Sequence[int] | None) -> list[int]:
+def resolve_layers(model: "HookedVLM", template: str, layers: int | Sequence[int] | None) -> list[int]:
     """Layer indices (negatives counted from the end) for a ``{layer}`` template; None = every layer."""
     n = n_layers_of(model, template)
     if layers is None:
@@ -79,36 +83,18 @@ def resolve_layers(model: Any, template: str, layers: int | Sequence[int] | None
     return out
 
 
-def check_hook(model: Any, name: str) -> str:
+def check_hook(model: "HookedVLM", name: str) -> str:
     if name not in model.hook_dict:
         close = [h for h in model.hook_dict if name.split(".")[-1] in h][:5]
         raise ValueError(f"the model has no hook {name!r}" + (f"; similar: {close}" if close else ""))
     return name
 
 
-def n_heads_of(model: Any, name: str) -> int:
+def n_heads_of(model: "HookedVLM", name: str) -> int:
     """Heads (or key/value heads for hook_k / hook_v) of the attention module owning hook `name`."""
     module = model.mod_dict[name.rsplit(".", 1)[0]]
     leaf = name.rsplit(".", 1)[-1]
     return int(module.n_kv_heads if leaf in KV_HOOKS else module.n_heads)
-
-
-def as_position_mask(positions: Any, n_pos: int | None = None) -> Tensor | None:
-    """None, a bool mask, an int / int sequence / integer tensor of positions -> None or a bool tensor.
-    Integer positions become a 1-D mask of length `n_pos` (negatives count from the end)."""
-    if positions is None:
-        return None
-    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
-        return positions.cpu()
-    idx = torch.as_tensor(positions).long().flatten().cpu()
-    if n_pos is None:
-        raise ValueError("integer positions need the sequence length to become a mask")
-    idx = torch.where(idx < 0, idx + n_pos, idx)
-    if ((idx < 0) | (idx >= n_pos)).any():
-        raise ValueError(f"positions {idx.tolist()} are outside a sequence of length {n_pos}")
-    mask = torch.zeros(n_pos, dtype=torch.bool)
-    mask[idx] = True
-    return mask
 
 
 def site_mask(name: str, shape: Sequence[int], positions: Tensor | None, heads: Any = None) -> Tensor | None:
@@ -212,7 +198,7 @@ def slot_patch_hooks(
 
 
 @contextlib.contextmanager
-def frozen_parameters(model: Any) -> Iterator[None]:
+def frozen_parameters(model: "HookedVLM") -> Iterator[None]:
     """Gradients w.r.t. activations only: parameters stop requiring grad inside (restored after, also on error).
     Autograd then keeps no inputs for weight gradients and builds no graph upstream of the first hooked
     activation (e.g. the whole vision tower when only decoder activations are asked for)."""
@@ -224,15 +210,3 @@ def frozen_parameters(model: Any) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
-
-
-def as_float(values: Tensor) -> Tensor:
-    """Metric values on the CPU as float32, or float64 when they already are (finite differences need it)."""
-    values = values.detach().cpu()
-    return values if values.dtype == torch.float64 else values.float()
-
-
-def metric_per_slot(metric: Callable[[Tensor], Tensor], logits: Tensor, n_slots: int) -> Tensor:
-    """Apply a per-batch metric (logits [B, pos, vocab] -> [B]) to each of n_slots copies: -> [n_slots, B]."""
-    b = logits.shape[0] // n_slots
-    return torch.stack([as_float(metric(logits[j * b : (j + 1) * b])) for j in range(n_slots)])
