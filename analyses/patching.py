@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from hooked_vlm.batching import repeat_inputs
-from hooked_vlm.resume import capture, resume
+from hooked_vlm.resume import capture, resume, safe_start
 
 from ._progress import progress_bar
 from ._hooks import (
@@ -179,6 +179,7 @@ def patch_sweep(
                     out = model(**repeat_inputs(target_inputs, len(chunk)))
             else:
                 layer, pos = start
+                pos = safe_start(saved, pos)  # an image attending bidirectionally is recomputed whole
                 sliced = {name: _from_position(name, sources[name], pos) for name, _ in chunk}
                 chunk = [(name, None if m is None else _from_position(name, m, pos)) for name, m in chunk]
                 with model.hooks(fwd_hooks=slot_patch_hooks(sliced, chunk, combine)):

@@ -26,6 +26,7 @@ class VisionCfg:
     gated_mlp: bool = False
     class_token: bool = False  # CLIP
     pre_norm: bool = False  # CLIP's pre_layrnorm
+    post_norm: bool = False  # the tower's output passes its final norm (SigLIP's post_layernorm; Gemma 3 reads it)
     patch_bias: bool = False
     temporal_patch_size: int = 1  # Qwen2-VL 3-D patches
     spatial_merge_size: int = 1  # Qwen2-VL patch merger
@@ -55,6 +56,14 @@ class HookedVLMConfig:
     # per decoder layer: None = full causal attention, w = sliding window (the query and the w - 1 positions before
     # it; Mistral, Qwen2's layers from max_window_layers on). None here = every layer full.
     layer_windows: list[int | None] | None = None
+    # Gemma 3's decoder (defaults = Llama / Qwen2). The sliding-window layers' own rope base: those layers then
+    # rotate with `model.rotary_local` (inv_freq copied from HF); None = one rotary for every layer.
+    local_rope_theta: float | None = None
+    norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + w) in float32 (Gemma: 1); 0 = w in model dtype
+    attn_scale: float | None = None  # attention score scale (Gemma: query_pre_attn_scalar ** -0.5); None = d_head ** -0.5
+    qk_norm: bool = False  # per-head RMSNorm of q and k before the rotary (attn.q_norm / attn.k_norm)
+    post_norms: bool = False  # norms on the attention / MLP outputs before the residual add (ln1_post / ln2_post)
+    embed_scale: float | None = None  # token embeddings times this (rounded to the model dtype, as HF does)
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
