@@ -187,3 +187,35 @@ def test_resume_inside_an_image_restarts_at_the_image(tiny):
     with torch.no_grad():
         full = model(**inputs)
     torch.testing.assert_close(resume(model, saved, 1, safe_start(saved, inside)), full, rtol=0, atol=1e-5)
+
+
+def test_bad_token_type_ids_named(tiny):
+    _, proc, model = tiny
+    inputs = gemma3_inputs(proc, (2, 1))
+    with pytest.raises(ValueError, match="token_type_ids: expected shape"):
+        model(**dict(inputs, token_type_ids=inputs["token_type_ids"][:, :-1]))
+
+
+def test_hook_shapes_of_gemma_specific_hooks(tiny):
+    _, proc, model = tiny
+    inputs = gemma3_inputs(proc, (2, 1))
+    shapes = model.hook_shapes(inputs)
+    b, p = inputs["input_ids"].shape
+    assert shapes["blocks.0.ln1_post.hook_normalized"] == (b, p, 48) and shapes["blocks.0.ln2_post.hook_scale"] == (b, p, 1)
+    assert shapes["blocks.0.attn.q_norm.hook_normalized"] == (b, p, 4, 16)
+    assert shapes["blocks.0.attn.k_norm.hook_scale"] == (b, p, 2, 1)
+    assert shapes["vision.ln_post.hook_normalized"] == (3, 16, 32)
+    assert shapes["projector.hook_pooled"] == (3, 4, 32) and shapes["projector.hook_out"] == (3, 4, 48)
+
+
+def test_post_norm_hooks_are_what_is_added(tiny):
+    """resid_post = resid_pre + hook_attn_out + hook_mlp_out with the post-norms inside (exact: same tensors)."""
+    _, proc, model = tiny
+    _, cache = model.run_with_cache(**gemma3_inputs(proc, (2, 1)))
+    for l in range(model.cfg.n_layers):
+        mid = cache[f"blocks.{l}.hook_resid_pre"] + cache[f"blocks.{l}.hook_attn_out"]
+        torch.testing.assert_close(mid, cache[f"blocks.{l}.hook_resid_mid"], rtol=0, atol=0)
+        post = cache[f"blocks.{l}.hook_resid_mid"] + cache[f"blocks.{l}.hook_mlp_out"]
+        torch.testing.assert_close(post, cache[f"blocks.{l}.hook_resid_post"], rtol=0, atol=0)
+    stack = cache.decompose_resid(layer=None, mode="all", apply_ln=False, return_labels=False)
+    torch.testing.assert_close(stack.sum(0), cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"], rtol=0, atol=1e-5)
