@@ -40,9 +40,8 @@ class HookedVLM(HookedRootModule):
         self.projector = self.family.build_projector(cfg)
         self.hook_embed = HookPoint()  # the residual stream's input: tokens + image features [batch, pos, d_model]
         self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta, cfg.mrope_section)
-        # Gemma 3: the sliding-window layers rotate with their own base
-        self.rotary_local = (RotaryEmbedding(cfg.d_head, cfg.local_rope_theta, cfg.mrope_section)
-                             if cfg.local_rope_theta is not None else None)
+        self.rotary_local = (RotaryEmbedding(cfg.d_head, cfg.local_rope_theta, cfg.mrope_section)  # sliding layers' own
+                             if cfg.local_rope_theta is not None else None)  # base (Gemma 3); None: one rotary
         self.blocks = nn.ModuleList(self._block(l) for l in range(cfg.n_layers))
         self.ln_final = self._norm(cfg.d_model)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
@@ -63,8 +62,7 @@ class HookedVLM(HookedRootModule):
             c.d_model, c.n_heads, c.n_key_value_heads, c.d_head, c.qkv_bias, c.o_bias, causal=True, rotary=True,
             window=window, scale=c.attn_scale, q_norm=self._norm(c.d_head) if c.qk_norm else None,
             k_norm=self._norm(c.d_head) if c.qk_norm else None,
-            rotary_key="rotary_local" if self.rotary_local is not None and window is not None else "rotary",
-        )
+            rotary_key="rotary_local" if self.rotary_local is not None and window is not None else "rotary")
         post = (self._norm(c.d_model), self._norm(c.d_model)) if c.post_norms else (None, None)
         return TransformerBlock(self._norm(c.d_model), attn, self._norm(c.d_model),
                                 GatedMLP(c.d_model, c.d_mlp, c.act_fn, c.mlp_bias), *post)
@@ -221,6 +219,8 @@ class HookedVLM(HookedRootModule):
                 continue
             if leaf in ("hook_pattern", "hook_attn_scores"):
                 per = c.n_heads * s
+            elif ".q_norm." in name or ".k_norm." in name:  # per-head norms (Gemma 3's qk-norm)
+                per = (c.n_heads if ".q_norm." in name else c.n_key_value_heads) * (1 if leaf == "hook_scale" else c.d_head)
             elif leaf in ("hook_q", "hook_rot_q", "hook_z"):
                 per = c.n_heads * c.d_head
             elif leaf in ("hook_k", "hook_v", "hook_rot_k"):

@@ -150,6 +150,9 @@ class ShapesGemma3Processor(Gemma3Processor):
     def __call__(self, images=None, text=None, **kwargs):
         if text is not None:
             text = text.replace("<image>", BOI) if isinstance(text, str) else [t.replace("<image>", BOI) for t in text]
+        if (isinstance(text, list) and isinstance(images, (list, tuple)) and len(images) == len(text)
+                and all(isinstance(im, Image.Image) for im in images) and all(t.count(BOI) == 1 for t in text)):
+            images = [[im] for im in images]  # one image per prompt (Gemma3Processor reads a flat list as one prompt's)
         return super().__call__(images=images, text=text, **kwargs)
 
 

@@ -586,7 +586,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--objects", type=int, default=2, choices=S.N_OBJECTS,
                    help="objects per scene (3 needs --layout random)")
     p.add_argument("--family", default="llava", choices=sorted(RECIPES),
-                   help="model family: llava (SigLIP, 1-D RoPE) or qwen2_vl (Qwen ViT + merger, M-RoPE)")
+                   help="model family: llava (SigLIP, 1-D RoPE), qwen2_vl (Qwen ViT + merger, M-RoPE) or gemma3 (SigLIP + "
+                        "pooled projector, local/global Gemma 3 decoder)")
     args = p.parse_args(argv)
     cfg = TrainConfig(supervise_steps=args.supervise_steps, threads=args.threads, layout=args.layout,
                       family=args.family, n_objects=args.objects)

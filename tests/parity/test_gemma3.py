@@ -219,3 +219,13 @@ def test_post_norm_hooks_are_what_is_added(tiny):
         torch.testing.assert_close(post, cache[f"blocks.{l}.hook_resid_post"], rtol=0, atol=0)
     stack = cache.decompose_resid(layer=None, mode="all", apply_ln=False, return_labels=False)
     torch.testing.assert_close(stack.sum(0), cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"], rtol=0, atol=1e-5)
+
+
+def test_cache_estimate_bounds_the_gemma_hooks(tiny):
+    """The run_with_cache guard's estimate is an upper bound for the Gemma-only hooks too (per-head qk-norm)."""
+    _, proc, model = tiny
+    inputs = gemma3_inputs(proc, (2, 1))
+    for names in (lambda n: ".q_norm." in n or ".k_norm." in n, lambda n: "ln1_post" in n or n.startswith("projector.")):
+        _, cache = model.run_with_cache(**inputs, names_filter=names)
+        actual = sum(t.numel() * t.element_size() for t in cache.cache_dict.values())
+        assert actual <= model.estimate_cache_bytes(inputs, names) <= 2 * actual
