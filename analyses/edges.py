@@ -56,7 +56,8 @@ the metric (MLPs zeroed, attention patterns and norm scales frozen) EAP equals t
 per position, for vision nodes over images / crops per patch, so for Qwen's packed [1, patches, d] tower a no-op).
 Ablating every edge with counterfactual values reproduces the corrupt run, keeping every edge the clean run (both
 tested, with and without the image path). Not included: per-prompt and per-position scores of vision edges (they
-raise) and a connectivity clean-up of pruned graphs (dangling edges are kept as they are).
+raise), a connectivity clean-up of pruned graphs (dangling edges are kept as they are), and models with attention
+post-norms (Gemma 3: per-head outputs are not additive terms of the residual stream; every entry point raises).
 """
 from __future__ import annotations
 
@@ -120,8 +121,17 @@ def _is_vision(name: str) -> bool:
     return name == "projector" or name.startswith("V")
 
 
+def _check_additive_heads(model: Any) -> None:
+    if any(getattr(block, "ln1_post", None) is not None for block in model.blocks):
+        raise ValueError(
+            "edge attribution needs each head's output (hook_result) to be an additive term of the residual stream; "
+            "with attention post-norms (Gemma 3's ln1_post) the heads are normalised together before they are added, "
+            "so per-head edges are not defined. Use path patching (analyses.paths) or activation patching instead")
+
+
 def node_names(model: Any, *, image_path: bool = False) -> list[str]:
     c = model.cfg
+    _check_additive_heads(model)
     vision = _vision_nodes(vision_depth(model)) if image_path else []
     return (vision + ["embed_image", "embed_text"] + [f"L{l}H{h}" for l in range(c.n_layers) for h in range(c.n_heads)]
             + [f"MLP{l}" for l in range(c.n_layers)])
@@ -180,6 +190,7 @@ def valid_edges(model: Any, *, image_path: bool = False) -> list[Edge]:
 
 
 def _node_hooks(model: Any, depth: int | None = None) -> list[str]:
+    _check_additive_heads(model)
     n = model.cfg.n_layers
     vision = [] if depth is None else ["vision.blocks.0.hook_resid_pre"] + [
         f"vision.blocks.{k}.hook_{s}_out" for k in range(depth) for s in ("attn", "mlp")]

@@ -229,3 +229,17 @@ def test_cache_estimate_bounds_the_gemma_hooks(tiny):
         _, cache = model.run_with_cache(**inputs, names_filter=names)
         actual = sum(t.numel() * t.element_size() for t in cache.cache_dict.values())
         assert actual <= model.estimate_cache_bytes(inputs, names) <= 2 * actual
+
+
+def test_edge_attribution_refuses_post_norm_heads(tiny):
+    """Per-head edges assume hook_result is an additive term of the residual stream, which post-norms break."""
+    from analyses.edges import eap, faithfulness, node_activations
+    from analyses.metrics import LogitDiff
+
+    _, proc, model = tiny
+    inputs = gemma3_inputs(proc, (2, 1))
+    metric = LogitDiff(torch.tensor([3, 4]), torch.tensor([5, 6]), inputs["attention_mask"])
+    for call in (lambda: eap(model, inputs, inputs, metric), lambda: faithfulness(model, inputs, inputs, metric, []),
+                 lambda: node_activations(model, inputs)):
+        with pytest.raises(ValueError, match="post-norms"):
+            call()
