@@ -183,10 +183,11 @@ def rerotate_keys(
     rot: dict[Any, tuple[Tensor, Tensor]] = {}
 
     def hook(k: Tensor, hook: Any) -> Tensor:
-        if (k.dtype, k.device) not in rot:
-            cos, sin = rotation(model.rotary, d_ids, k.dtype)
-            rot[k.dtype, k.device] = cos.to(k.device), sin.to(k.device)
-        cos, sin = rot[k.dtype, k.device]
+        rotary = model.layer_rotary(int(hook.name.split(".")[1]))  # layers may rotate with different bases
+        if (id(rotary), k.dtype, k.device) not in rot:
+            cos, sin = rotation(rotary, d_ids, k.dtype)
+            rot[id(rotary), k.dtype, k.device] = cos.to(k.device), sin.to(k.device)
+        cos, sin = rot[id(rotary), k.dtype, k.device]
         return torch.where(moved.to(k.device)[..., None, None], apply_rotary(k, cos, sin), k)
 
     with model.hooks(fwd_hooks=[(act_name("rot_k", l), hook) for l in layers]):

@@ -34,7 +34,9 @@ Exact identities (tests/analyses/test_paths.py, float64): counterfactual = clean
 that layer's z (nothing downstream is frozen then: later heads do not exist). For an earlier layer the two
 differ by design (path patching freezes the later heads that activation patching lets react). With frozen MLPs
 the receiver's path-patched input is ``resid_clean + sum over senders of (z_X - z_C) W_O`` (tested against
-this formula for q and for the logits).
+this formula for q and for the logits). With attention post-norms (Gemma 3's ``ln1_post``) the senders' change
+is normalised together with the frozen heads of its layer before it is added (the model's own computation), so
+that formula then holds for the post-norm's input, not for the residual stream.
 """
 from __future__ import annotations
 

@@ -94,7 +94,9 @@ def estimate_hook_bytes(model: nn.Module, inputs: Mapping[str, Any], names: list
             else:
                 out[name] = n_seq * n_tok * (v.d_mlp if leaf in MLP_LEAVES and ".mlp." in name else v.d_model)
         else:
-            if leaf in ATTN_MAPS:
+            if ".q_norm." in name or ".k_norm." in name:  # per-head qk-norms (Qwen3-VL, Gemma 3): [b, pos, heads, *]
+                per = (c.n_heads if ".q_norm." in name else c.n_key_value_heads) * (1 if leaf == "hook_scale" else c.d_head)
+            elif leaf in ATTN_MAPS:
                 per = c.n_heads * s
             elif leaf in HEAD_LEAVES:
                 per = c.n_heads * c.d_head

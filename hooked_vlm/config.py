@@ -26,6 +26,7 @@ class VisionCfg:
     gated_mlp: bool = False
     class_token: bool = False  # CLIP
     pre_norm: bool = False  # CLIP's pre_layrnorm
+    post_norm: bool = False  # the tower's output passes its final norm (SigLIP's post_layernorm; Gemma 3 reads it)
     patch_bias: bool = False
     temporal_patch_size: int = 1  # Qwen2-VL 3-D patches
     spatial_merge_size: int = 1  # Qwen2-VL patch merger
@@ -57,13 +58,20 @@ class HookedVLMConfig:
     # "original_max_position_embeddings"}; None for the static types (their inv_freq is copied from HF)
     rope_scaling: dict[str, Any] | None = None
     mrope_interleaved: bool = False  # Qwen3-VL: t/h/w frequencies interleaved (t h w t h w ...), not in sections
-    qk_norm: bool = False  # Qwen3-VL: RMSNorm over d_head on every query and key head, before rotary
+    qk_norm: bool = False  # Qwen3-VL, Gemma 3: RMSNorm over d_head on every query / key head, before the rotary
     # decoder layers whose residual stream gets a per-layer addition from the image features after their MLP
     # (Qwen3-VL DeepStack: layer l gets the l-th vision feature level at image positions), hook `hook_deepstack`
     deepstack_layers: list[int] = field(default_factory=list)
     # per decoder layer: None = full causal attention, w = sliding window (the query and the w - 1 positions before
     # it; Mistral, Qwen2's layers from max_window_layers on). None here = every layer full.
     layer_windows: list[int | None] | None = None
+    # Gemma 3's decoder (defaults = Llama / Qwen2). The sliding-window layers' own rope base: those layers then
+    # rotate with `model.rotary_local` (inv_freq copied from HF); None = one rotary for every layer.
+    local_rope_theta: float | None = None
+    norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + w) in float32 (Gemma: 1); 0 = w in model dtype
+    attn_scale: float | None = None  # attention score scale (Gemma: query_pre_attn_scalar ** -0.5); None = d_head ** -0.5
+    post_norms: bool = False  # norms on the attention / MLP outputs before the residual add (ln1_post / ln2_post)
+    embed_scale: float | None = None  # token embeddings times this (rounded to the model dtype, as HF does)
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False

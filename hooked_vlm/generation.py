@@ -455,8 +455,8 @@ class _KVCache:
     def decode(self, ids: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
         """One token per row; `mask` [batch, keys] (1 = real) when the prompt is padded, else None."""
         m = self.model
-        x = m.hook_embed(m.hook_token_embed(m.embed(ids)))
-        rotary = m.rotary(positions, x.dtype)
+        x = m.hook_embed(m.token_embeddings(ids))
+        rotary = m.rotaries(positions, x.dtype)
         additive = None
         if mask is not None:
             additive = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(

@@ -110,28 +110,22 @@ def from_hf(cls: type["HookedVLM"], hf_model: nn.Module, processor: Any = None, 
     with torch.device("meta"):
         model = cls(cfg, processor)
     sd = family.convert_state_dict(hf_model.state_dict(), cfg)
-    rotary = hf_rotary(hf_model)
-    # dynamic rope types overwrite `inv_freq` after a long input; `original_inv_freq` is the one for short inputs
-    sd["rotary.inv_freq"] = getattr(rotary, "original_inv_freq", rotary.inv_freq).detach().float().clone()
+    rotaries = family.rotary_from_hf(hf_model)  # {our rotary module: (inv_freq, attention_scaling)}
+    for name, (inv_freq, _) in rotaries.items():
+        sd[f"{name}.inv_freq"] = inv_freq
     if copy_weights:
         sd = {k: v.detach().clone() for k, v in sd.items()}
-    fold_final_norm(sd)
+    fold_final_norm(sd, cfg.norm_offset)
     model.load_state_dict(sd, strict=True, assign=True)
-    model.rotary.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    for name, (_, scaling) in rotaries.items():
+        getattr(model, name).attention_scaling = float(scaling)
     return model.eval()
 
 
-def fold_final_norm(sd: dict[str, Tensor]) -> None:
-    """unembed <- unembed * ln_final.w (computed in float32), ln_final.w <- 1. New tensors: the HF model's weights
-    are untouched even when the others are shared."""
+def fold_final_norm(sd: dict[str, Tensor], offset: float = 0.0) -> None:
+    """unembed <- unembed * (offset + ln_final.w) (computed in float32); ln_final.w <- 1 - offset, so that the
+    norm's multiplier is exactly 1 (Gemma's norms multiply by 1 + w). New tensors: the HF model's weights are
+    untouched even when others are shared."""
     w = sd["ln_final.w"]
-    sd["unembed.weight"] = (sd["unembed.weight"].float() * w.float()[None, :]).to(sd["unembed.weight"].dtype)
-    sd["ln_final.w"] = torch.ones_like(w)
-
-
-def hf_rotary(hf_model: nn.Module) -> nn.Module:
-    """The HF decoder's rotary embedding module."""
-    for name, mod in hf_model.named_modules():
-        if name.endswith("language_model.rotary_emb"):
-            return mod
-    raise ValueError("could not find the decoder's rotary embedding (language_model.rotary_emb) in the HF model")
+    sd["unembed.weight"] = (sd["unembed.weight"].float() * (offset + w.float())[None, :]).to(sd["unembed.weight"].dtype)
+    sd["ln_final.w"] = torch.full_like(w, 1.0 - offset)

@@ -18,6 +18,7 @@ from . import cache_guard
 from .cache import HookedVLMCache
 from .components import NORMS, Attention, GatedMLP, RotaryEmbedding, TransformerBlock
 from .components.unembed import Unembed
+from .components.rotary import Rotary
 from .config import HookedVLMConfig
 from .families import get_family
 from .generation import GenerationMixin
@@ -37,6 +38,7 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
         super().__init__()
         self.cfg = cfg
         self.family = get_family(cfg.family)
+        self.family.check_processor(processor)
         self.processor = processor
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
         self.hook_token_embed = HookPoint()  # token embeddings before image features are placed [batch, pos, d_model]
@@ -45,25 +47,37 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
         self.hook_embed = HookPoint()  # the residual stream's input: tokens + image features [batch, pos, d_model]
         self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta, cfg.mrope_section, scaling=cfg.rope_scaling,
                                       interleaved=cfg.mrope_interleaved)
-        qk_norm = (lambda: NORMS[cfg.normalization_type](cfg.d_head, cfg.eps)) if cfg.qk_norm else (lambda: None)  # noqa: E731
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                NORMS[cfg.normalization_type](cfg.d_model, cfg.eps),
-                Attention(cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.qkv_bias, cfg.o_bias,
-                          causal=True, rotary=True, window=cfg.layer_windows[l] if cfg.layer_windows else None,
-                          q_norm=qk_norm(), k_norm=qk_norm()),
-                NORMS[cfg.normalization_type](cfg.d_model, cfg.eps),
-                GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.mlp_bias),
-                deepstack=l in cfg.deepstack_layers,
-            )
-            for l in range(cfg.n_layers)
-        )
-        self.ln_final = NORMS[cfg.normalization_type](cfg.d_model, cfg.eps)
+        self.rotary_local = (RotaryEmbedding(cfg.d_head, cfg.local_rope_theta, cfg.mrope_section)  # sliding layers' own
+                             if cfg.local_rope_theta is not None else None)  # base (Gemma 3); None: one rotary
+        self.blocks = nn.ModuleList(self._block(l) for l in range(cfg.n_layers))
+        self.ln_final = self._norm(cfg.d_model)
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
         self._accepted = frozenset(TEXT_KWARGS + self.family.image_kwargs)
         self._bound: dict[str, Any] = {}
         self._bound_ids: Tensor | None = None
         self.setup()
+
+    def _norm(self, d: int) -> nn.Module:
+        c = self.cfg
+        return NORMS[c.normalization_type](d, c.eps, **({"offset": c.norm_offset} if c.norm_offset else {}))
+
+    def _block(self, l: int) -> TransformerBlock:
+        """Decoder block `l`, shaped by the config alone (no family names here)."""
+        c = self.cfg
+        window = c.layer_windows[l] if c.layer_windows else None
+        attn = Attention(
+            c.d_model, c.n_heads, c.n_key_value_heads, c.d_head, c.qkv_bias, c.o_bias, causal=True, rotary=True,
+            window=window, scale=c.attn_scale, q_norm=self._norm(c.d_head) if c.qk_norm else None,
+            k_norm=self._norm(c.d_head) if c.qk_norm else None,
+            rotary_key="rotary_local" if self.rotary_local is not None and window is not None else "rotary")
+        post = (self._norm(c.d_model), self._norm(c.d_model)) if c.post_norms else (None, None)
+        return TransformerBlock(self._norm(c.d_model), attn, self._norm(c.d_model),
+                                GatedMLP(c.d_model, c.d_mlp, c.act_fn, c.mlp_bias), *post,
+                                deepstack=l in c.deepstack_layers)
+
+    def layer_rotary(self, layer: int) -> RotaryEmbedding:
+        """The rotary embedding decoder layer `layer` rotates its queries and keys with."""
+        return getattr(self, self.blocks[layer].attn.rotary_key)
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(
@@ -115,11 +129,12 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         position_ids: Tensor | None = None,
         **image_inputs: Any,
-    ) -> tuple[Float[Tensor, "batch pos d_model"], tuple[Tensor, Tensor], Tensor | None, dict[int, Tensor]]:
+    ) -> tuple[Float[Tensor, "batch pos d_model"], Rotary, Tensor | None, dict[int, Tensor]]:
         """Everything before the decoder blocks: the residual stream's input (token embeddings with the image
-        features placed, `hook_embed`), the rotary (cos, sin), the additive attention mask (None when
-        nothing is padded) and the per-layer additions {layer: [batch, pos, d_model]} that blocks add after
-        their MLP (`inject`; Qwen3-VL DeepStack, empty for other families). `forward` = prepare -> blocks(...,
+        features placed, `hook_embed`), the rotary (cos, sin) (or {rotary module name: (cos, sin)} when layers rotate
+        with different bases), the additive attention mask (None when nothing is padded and no positions attend
+        bidirectionally) and the per-layer additions {layer: [batch, pos, d_model]} that blocks add after their MLP
+        (`inject`; Qwen3-VL DeepStack, empty for other families). `forward` = prepare -> blocks(...,
         inject=inject.get(l)) -> ln_final -> unembed; `hooked_vlm.resume` reuses it."""
         if self._bound:  # inputs bound with `bind_inputs`, for tools that pass tokens only
             attention_mask = self._bound.get("attention_mask") if attention_mask is None else attention_mask
@@ -130,9 +145,9 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
         if image_inputs.get("pixel_values") is not None:  # pixels on another device follow input_ids to the model's;
             # another float dtype is cast to the tower's weights by the tower (as HF does)
             image_inputs = dict(image_inputs, pixel_values=image_inputs["pixel_values"].to(input_ids.device))
-        x = self.hook_token_embed(self.embed(input_ids))
         image_mask = input_ids == self.cfg.image_token_id
         inject: dict[int, Tensor] = {}
+        x = self.token_embeddings(input_ids)
         if image_inputs.get("pixel_values") is not None:
             feats = self.family.image_features(self, input_ids, **image_inputs)
             if isinstance(feats, tuple):  # (features, {decoder layer: features added after that layer's MLP})
@@ -148,8 +163,27 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
                 raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
         if position_ids is None:
             position_ids = self.family.position_ids(self, input_ids, attention_mask, **image_inputs)
-        rotary = self.rotary(position_ids.to(input_ids.device), x.dtype)
-        return x, rotary, causal_padding_mask(attention_mask, x.dtype), inject
+        rotary = self.rotaries(position_ids.to(input_ids.device), x.dtype)
+        groups = self.family.attention_groups(self, input_ids, **image_inputs)
+        return x, rotary, causal_padding_mask(attention_mask, x.dtype, groups), inject
+
+    def token_embeddings(self, input_ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        """`hook_token_embed`: the token embeddings (times `cfg.embed_scale` where the family scales them), before
+        image features are placed. `prepare` and generation's decode steps both embed through here."""
+        image_mask = input_ids == self.cfg.image_token_id
+        # an image token id outside the vocabulary (as HF allows) is looked up as 0; merge overwrites those rows
+        x = self.embed(input_ids.masked_fill(image_mask, 0) if self.cfg.image_token_id >= self.cfg.d_vocab else input_ids)
+        if self.cfg.embed_scale is not None:  # Gemma: the scale rounded to the model dtype first, as HF does
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=torch.float32, device=x.device).to(x.dtype)
+        return self.hook_token_embed(x)
+
+    def rotaries(self, position_ids: Tensor, dtype: torch.dtype) -> Rotary:
+        """(cos, sin) for these positions, or {rotary module name: (cos, sin)} when some layers rotate with their
+        own base (Gemma 3's local layers; each attention picks its own through `Attention.rotary_key`)."""
+        rotary = self.rotary(position_ids, dtype)
+        if self.rotary_local is not None:
+            rotary = {"rotary": rotary, "rotary_local": self.rotary_local(position_ids, dtype)}
+        return rotary
 
     def _check_kwargs(self, input_ids: Tensor | None, image_inputs: dict[str, Any]) -> None:
         unknown = sorted(set(image_inputs) - self._accepted)
@@ -226,14 +260,22 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
                 f"(kv {c.n_key_value_heads}), d_vocab={c.d_vocab}, {vision}{len(self.hook_dict)} hooks: "
                 "model.hook_names(inputs) lists them with their shapes")
 
-
-def causal_padding_mask(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """None when nothing is padded (attention then uses the causal fast path); else an additive
-    [batch, 1, query, key] mask with the dtype's minimum, so fully padded query rows stay finite (uniform),
-    as in HF eager attention."""
-    if attention_mask is None or bool(attention_mask.all()):
+def causal_padding_mask(attention_mask: Tensor | None, dtype: torch.dtype, groups: Tensor | None = None
+                        ) -> Tensor | None:
+    """None when nothing is padded and nothing attends bidirectionally (attention then uses the causal fast path);
+    else an additive [batch, 1, query, key] mask with the dtype's minimum, so fully padded query rows stay finite
+    (uniform), as in HF eager attention. `groups` [batch, pos] (-1 = none): positions of one group also see each
+    other's later positions (HF's blockwise overlay, OR-ed with causal before padding is applied)."""
+    if groups is not None and not bool((groups >= 0).any()):
+        groups = None
+    if groups is None and (attention_mask is None or bool(attention_mask.all())):
         return None
-    s = attention_mask.shape[-1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).tril()
-    allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
+    ref = groups if attention_mask is None else attention_mask
+    b, s = ref.shape
+    allowed = torch.ones(s, s, dtype=torch.bool, device=ref.device).tril()[None, None].expand(b, 1, s, s)
+    if groups is not None:
+        g = groups.to(ref.device)
+        allowed = allowed | ((g[:, :, None] == g[:, None, :]) & (g[:, :, None] >= 0))[:, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -24,6 +24,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .components.rotary import Rotary, map_rotary
+
 
 @dataclass
 class SavedRun:
@@ -32,7 +34,7 @@ class SavedRun:
     resid_pre: list[Tensor]  # per block: [B, S, d_model]
     keys: list[Tensor]  # per block: rotated keys [B, S, kv_head, d_head]
     values: list[Tensor]  # per block: [B, S, kv_head, d_head]
-    rotary: tuple[Tensor, Tensor]  # cos, sin [B, S, d_head]
+    rotary: Rotary  # cos, sin [B, S, d_head] (or one pair per rotary module, see HookedVLM.prepare)
     mask: Tensor | None  # additive [B, 1, S, S], None when nothing is padded
     logits: Tensor  # [B, S, d_vocab]
     inject: dict[int, Tensor] | None = None  # per block: additions after its MLP (Qwen3-VL DeepStack) [B, S, d_model]
@@ -79,6 +81,21 @@ def _repeat(t: Tensor, n: int, view: bool = False) -> Tensor:
     return torch.cat([t] * n, dim=0)
 
 
+def safe_start(saved: SavedRun, pos: int) -> int:
+    """The latest position <= `pos` that `resume` may restart from: no earlier position attends to it or later
+    ones. That is `pos` itself for causal attention; inside a bidirectional group (Gemma 3: the tokens of one
+    image see each other) it is the group's first position."""
+    if saved.mask is None or pos == 0:
+        return pos
+    allowed = saved.mask[:, 0] == 0  # [B, query, key]; fully padded rows (all masked) see nothing
+    while pos > 0:
+        later = allowed[:, :pos, pos:].any(-1).any(0)
+        if not later.any():
+            break
+        pos = int(later.nonzero()[0])
+    return pos
+
+
 def resume(model: Any, saved: SavedRun, layer: int, pos: int, n: int = 1) -> Float[Tensor, "nB S d_vocab"]:
     """Logits [n * B, S, d_vocab] of n copies of the saved batch, recomputing blocks `layer..` at positions
     `pos..` only (hooks fire there, with activations of `S - pos` positions)."""
@@ -87,8 +104,11 @@ def resume(model: Any, saved: SavedRun, layer: int, pos: int, n: int = 1) -> Flo
         raise ValueError(f"layer {layer} is outside the decoder's blocks 0..{n_layers - 1}")
     if not 0 <= pos < s:
         raise ValueError(f"position {pos} is outside the saved sequence of length {s}")
+    if safe_start(saved, pos) != pos:
+        raise ValueError(f"cannot resume at position {pos}: earlier positions attend to it (bidirectional attention "
+                         f"within an image); resume from safe_start(saved, {pos}) = {safe_start(saved, pos)}")
     x = _repeat(saved.resid_pre[layer][:, pos:], n)
-    rotary = tuple(_repeat(t[:, pos:], n) for t in saved.rotary)
+    rotary = map_rotary(saved.rotary, lambda t: _repeat(t[:, pos:], n))
     mask = None if saved.mask is None else _repeat(saved.mask[:, :, pos:], n)
     for i in range(layer, n_layers):
         past = (_repeat(saved.keys[i][:, :pos], n, True), _repeat(saved.values[i][:, :pos], n, True)) if pos else None
@@ -100,4 +120,4 @@ def resume(model: Any, saved: SavedRun, layer: int, pos: int, n: int = 1) -> Flo
     return torch.cat([_repeat(saved.logits[:, :pos], n, True), tail], dim=1)
 
 
-__all__ = ["SavedRun", "capture", "resume"]
+__all__ = ["SavedRun", "capture", "resume", "safe_start"]

@@ -156,8 +156,10 @@ class TransformerLensAPI(TokenAPI):
                 raise ValueError("start_at_layer on an M-RoPE model (Qwen2-VL family) needs the positions: pass "
                                  "tokens=input_ids with the image inputs (image_grid_thw, mm_token_type_ids), or "
                                  "position_ids=model.layout(inputs).position_ids")
-        rotary = self.rotary(position_ids.to(device), x.dtype)
-        return x, rotary, causal_padding_mask(attention_mask, x.dtype), {}
+        rotary = self.rotaries(position_ids.to(device), x.dtype)
+        # families whose image tokens attend bidirectionally (Gemma 3) need the tokens to know the groups
+        groups = self.family.attention_groups(self, tokens.to(device), **image_inputs) if tokens is not None else None
+        return x, rotary, causal_padding_mask(attention_mask, x.dtype, groups), {}
 
     def _output(self, x: Tensor, tokens: Tensor | None, attention_mask: Tensor | None, return_type: str | None,
                 loss_per_token: bool, logits_to_keep: Any) -> Any:

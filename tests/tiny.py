@@ -301,3 +301,73 @@ def qwen3_processor():
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
     return ImageOnlyQwen3VLProcessor(image_processor=qwen_image_processor(), tokenizer=fast)
+
+
+# -------------------------------------------------------------------------------------------------- Gemma 3
+GEMMA_IMAGE, GEMMA_BOI, GEMMA_EOI = 60, 61, 62  # with vocab 64; text words are 2..59 (and 63), pad 0, unk 1
+
+
+def tiny_gemma3(seed: int = 0, vocab: int = 64, sliding_window: int = 6, mm_tokens: int = 4, **text_kwargs):
+    """SigLIP (32 px, patch 8 -> 4x4 patches, 2 layers, with post_layernorm) -> pooled projector (2x2 = 4 tokens per
+    image) -> Gemma 3 decoder (hidden 48, 4 heads of 16 (query_pre_attn_scalar 12, not 16), 2 kv heads, 4 layers:
+    sliding (window 6), global, sliding, global; local rope base 1e4, global 1e6 with linear scaling x2).
+    Gemma's (1 + w) norms get w ~ 0.1 N(0, 1); SigLIP's LayerNorms 1 + 0.1 N(0, 1)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8, vision_use_head=False)
+    tc = Gemma3TextConfig(**{**dict(
+        vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, query_pre_attn_scalar=12,
+        sliding_window=sliding_window, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
+    ), **text_kwargs})
+    cfg = Gemma3Config(vision_config=vc, text_config=tc, mm_tokens_per_image=mm_tokens, image_token_index=GEMMA_IMAGE,
+                       boi_token_index=GEMMA_BOI, eoi_token_index=GEMMA_EOI)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = redraw(Gemma3ForConditionalGeneration(cfg), seed=seed)
+    with torch.no_grad():  # Gemma's norms multiply by (1 + w): centre their weights on 0
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") and ("language_model" in name or "multi_modal_projector" in name):
+                p.sub_(1.0)
+    return model
+
+
+def gemma3_processor(hf_model):
+    """The real Gemma3Processor (PIL image processor) with a word-level tokenizer: "w{i}" words, <pad> 0 (left),
+    <unk> 1, <image_soft_token> / <start_of_image> / <end_of_image> at GEMMA_IMAGE / GEMMA_BOI / GEMMA_EOI. The
+    processor's "\\n\\n" around each image is whitespace to this tokenizer, so an image is <boi> <img> x n <eoi>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Gemma3Processor, PreTrainedTokenizerFast
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    cfg = hf_model.config
+    n, v = cfg.text_config.vocab_size, cfg.vision_config
+    special = {0: "<pad>", 1: "<unk>", GEMMA_IMAGE: "<image_soft_token>", GEMMA_BOI: "<start_of_image>",
+               GEMMA_EOI: "<end_of_image>"}
+    tok = Tokenizer(models.WordLevel(vocab={special.get(i, f"w{i}"): i for i in range(n)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", padding_side="left",
+        extra_special_tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                              "eoi_token": "<end_of_image>"})
+    ip = Gemma3ImageProcessorPil(size={"height": v.image_size, "width": v.image_size})
+    return Gemma3Processor(image_processor=ip, tokenizer=fast, image_seq_length=cfg.mm_tokens_per_image)
+
+
+def gemma3_inputs(processor, images_per_prompt=(2, 1), seed: int = 0, words: int = 4):
+    """Processor inputs for a left-padded batch: prompt i is `words` + 2 * i words with images_per_prompt[i] images
+    (<start_of_image> placeholders) between words; random RGB images (sizes vary, resized by the processor)."""
+    gen = torch.Generator().manual_seed(seed)
+    texts, images = [], []
+    for i, k in enumerate(images_per_prompt):
+        ws = [f"w{int(t)}" for t in torch.randint(2, GEMMA_IMAGE, (words + 2 * i,), generator=gen)]
+        parts = [ws[0]] + [p for j in range(k) for p in ("<start_of_image>", ws[min(j + 1, len(ws) - 1)])] + ws[1:]
+        texts.append(" ".join(parts))
+        images.append([random_image(24 + 8 * j, 40, seed=seed + 10 * i + j) for j in range(k)])
+    if not any(images_per_prompt):
+        return dict(processor(text=texts, return_tensors="pt", padding=True))
+    return dict(processor(text=texts, images=images, return_tensors="pt", padding=True))

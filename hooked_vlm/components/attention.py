@@ -84,15 +84,21 @@ class Attention(nn.Module):
         rotary: bool,
         rotary_in_float32: bool = False,
         window: int | None = None,
+        scale: float | None = None,
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
+        rotary_key: str = "rotary",
     ):
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
         self.causal = causal
-        self.scale = d_head**-0.5
+        self.scale = d_head**-0.5 if scale is None else scale  # Gemma: query_pre_attn_scalar ** -0.5
+        # qk-norm (Qwen3-VL, Gemma 3): a norm over d_head on every query / key head after hook_q / hook_k and before
+        # the rotary (TransformerLens' order); hooks attn.q_norm.hook_scale / hook_normalized [batch, pos, head, *]
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.rotary_key = rotary_key  # which (cos, sin) to take when the model passes one per rotary module
         # Qwen2-VL's vision tower rotates q/k in float32 and casts back; the decoders rotate in model dtype.
         self.rotary_in_float32 = rotary_in_float32
         self.window = window  # sliding-window attention: each query sees its last `window` positions (None: all)
@@ -100,12 +106,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=o_bias)
-        # qk-norm (Qwen3-VL): a norm over d_head applied to every query / key head after hook_q / hook_k and before
-        # rotary (TransformerLens' order); its hooks are attn.q_norm.hook_scale / hook_normalized [batch, pos, head, *]
-        if q_norm is not None:
-            self.q_norm = q_norm
-        if k_norm is not None:
-            self.k_norm = k_norm
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
@@ -172,7 +172,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
-        rotary: tuple[Tensor, Tensor] | None = None,
+        rotary: "tuple[Tensor, Tensor] | dict[str, tuple[Tensor, Tensor]] | None" = None,
         mask: Float[Tensor, "batch 1 query key"] | Segments | None = None,
         past: tuple[Tensor, Tensor] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
@@ -184,12 +184,10 @@ class Attention(nn.Module):
         q = self.hook_q(self.q_proj(x).view(b, p, self.n_heads, self.d_head))
         k = self.hook_k(self.k_proj(x).view(b, p, self.n_kv_heads, self.d_head))
         v = self.hook_v(self.v_proj(x).view(b, p, self.n_kv_heads, self.d_head))
-        if hasattr(self, "q_norm"):
-            q = self.q_norm(q)
-        if hasattr(self, "k_norm"):
-            k = self.k_norm(k)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
-            cos, sin = rotary
+            cos, sin = rotary[self.rotary_key] if isinstance(rotary, dict) else rotary
             if self.rotary_in_float32:
                 q, k = apply_rotary(q.float(), cos, sin).to(q.dtype), apply_rotary(k.float(), cos, sin).to(k.dtype)
             else:

@@ -18,11 +18,25 @@ j < 3 * mrope_section[1], from width if j % 3 == 2 and j < 3 * mrope_section[2],
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Union
 
 import torch
 from jaxtyping import Float, Real
 from torch import Tensor, nn
+
+
+# What a decoder block receives: one (cos, sin) for every layer, or, when layers rotate with different bases
+# (Gemma 3's sliding layers), {rotary module name: (cos, sin)} from which each attention takes its own.
+Rotary = Union[tuple[Tensor, Tensor], dict[str, tuple[Tensor, Tensor]]]
+
+
+def map_rotary(rotary: Rotary | None, fn: Callable[[Tensor], Tensor]) -> Rotary | None:
+    """`fn` applied to every cos / sin tensor of `rotary` (e.g. to move, slice or repeat them)."""
+    if rotary is None:
+        return None
+    if isinstance(rotary, dict):
+        return {k: (fn(c), fn(s)) for k, (c, s) in rotary.items()}
+    return fn(rotary[0]), fn(rotary[1])
 
 
 def rotate_half(x: Tensor) -> Tensor:

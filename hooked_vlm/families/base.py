@@ -127,6 +127,30 @@ class Family:
     def convert_state_dict(self, hf_sd: dict[str, Tensor], cfg: HookedVLMConfig) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def check_processor(self, processor: Any) -> None:
+        """Raise if the processor would make inputs this family cannot describe (default: accept any)."""
+
+    def attention_groups(self, model: nn.Module, input_ids: Tensor, **image_inputs: Any) -> Tensor | None:
+        """[batch, pos] group ids (-1 = none): positions of one group attend to each other in both directions on
+        top of the causal mask (Gemma 3: the tokens of one image). Default None: purely causal."""
+        return None
+
+    def rotary_from_hf(self, hf_model: nn.Module) -> dict[str, tuple[Tensor, float]]:
+        """{our rotary module: (inv_freq, attention_scaling)} copied from the HF decoder's rotary embedding, so any
+        rope_type HF supports is honoured. Default: the single `language_model.rotary_emb`."""
+        rot = hf_rotary(hf_model)
+        # dynamic rope types overwrite `inv_freq` after a long input; `original_inv_freq` is the one for short inputs
+        inv_freq = getattr(rot, "original_inv_freq", rot.inv_freq)
+        return {"rotary": (inv_freq.detach().float().clone(), getattr(rot, "attention_scaling", 1.0))}
+
+
+def hf_rotary(hf_model: nn.Module) -> nn.Module:
+    """The HF decoder's rotary embedding module (`...language_model.rotary_emb`)."""
+    for name, mod in hf_model.named_modules():
+        if name.endswith("language_model.rotary_emb"):
+            return mod
+    raise ValueError("could not find the decoder's rotary embedding (language_model.rotary_emb) in the HF model")
+
 
 class KeyMapper:
     """Takes HF tensors by name and records which were used, so that conversion can insist every key is used."""

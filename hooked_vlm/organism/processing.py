@@ -7,6 +7,9 @@ for Qwen2-VL) and the image processors are the PIL ones (no torchvision). Both p
 * LLaVA: SigLIP, 64x64 image, 16 px patches, feature strategy "full", no CLS -> 16 tokens.
 * Qwen2-VL: 8 px patches merged 2x2 -> a 4x4 grid of 16 px cells -> 16 tokens, wrapped as
   ``<|vision_start|> <image>x16 <|vision_end|>`` (the chat template's job in the real model).
+* Gemma 3: SigLIP with 8 px patches (8x8), average-pooled 2x2 by the projector -> the same 4x4 grid of 16 px
+  cells -> 16 tokens, wrapped by Gemma3Processor as ``<start_of_image> <image>x16 <end_of_image>`` (its "\n\n"
+  around them are whitespace to the word-level tokenizer).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
-from transformers import LlavaProcessor, PreTrainedTokenizerFast, Qwen2VLProcessor, SiglipImageProcessorPil
+from transformers import Gemma3Processor, LlavaProcessor, PreTrainedTokenizerFast, Qwen2VLProcessor, SiglipImageProcessorPil
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from .shapes import GRID, IMAGE_SIZE, PATCH_SIZE, VOCAB
@@ -29,9 +33,9 @@ IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 
 
-def build_tokenizer(vocab: tuple[str, ...] = VOCAB) -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab: tuple[str, ...] = VOCAB, extra_special: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
     """Whitespace-split word-level tokenizer; prepends ``<bos>``; pads on the left (for batched
-    generation/last-position readout)."""
+    generation/last-position readout). `extra_special`: more named special tokens (Gemma 3's boi / eoi)."""
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
@@ -43,7 +47,7 @@ def build_tokenizer(vocab: tuple[str, ...] = VOCAB) -> PreTrainedTokenizerFast:
         bos_token="<bos>",
         pad_token="<pad>",
         unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>", **(extra_special or {})},
         padding_side="left",
         model_input_names=["input_ids", "attention_mask"],
     )
@@ -131,3 +135,32 @@ def qwen_pixel_values(images: list[Image.Image]) -> dict[str, torch.Tensor]:
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # n, gh, gw, mh, mw, c, t, ph, pw
     flat = x.reshape(n * g * g, 3 * 2 * QWEN_PATCH * QWEN_PATCH)
     return {"pixel_values": flat.contiguous(), "image_grid_thw": torch.tensor([[1, g, g]] * n)}
+
+
+BOI, EOI = "<start_of_image>", "<end_of_image>"
+GEMMA_VOCAB: tuple[str, ...] = VOCAB + (BOI, EOI)  # appended: shared ids stay equal
+BOI_ID, EOI_ID = len(VOCAB), len(VOCAB) + 1
+GEMMA_PATCH = 8  # 8x8 patches of 8 px, pooled 2x2 by the projector: one token per 16 px cell
+
+
+class ShapesGemma3Processor(Gemma3Processor):
+    """Gemma3Processor whose prompts write the image as ``<image>`` (as the other organisms' do): it becomes
+    Gemma's ``<start_of_image>`` placeholder, which the processor expands into the image block."""
+
+    def __call__(self, images=None, text=None, **kwargs):
+        if text is not None:
+            text = text.replace("<image>", BOI) if isinstance(text, str) else [t.replace("<image>", BOI) for t in text]
+        if (isinstance(text, list) and isinstance(images, (list, tuple)) and len(images) == len(text)
+                and all(isinstance(im, Image.Image) for im in images) and all(t.count(BOI) == 1 for t in text)):
+            images = [[im] for im in images]  # one image per prompt (Gemma3Processor reads a flat list as one prompt's)
+        return super().__call__(images=images, text=text, **kwargs)
+
+
+def build_gemma3_processor() -> ShapesGemma3Processor:
+    ip = Gemma3ImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=Image.Resampling.BILINEAR, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD),
+        do_convert_rgb=True, do_pan_and_scan=False,
+    )
+    tok = build_tokenizer(GEMMA_VOCAB, {"boi_token": BOI, "eoi_token": EOI})
+    return ShapesGemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=GRID * GRID)

@@ -14,6 +14,9 @@ qwen3_vl   as qwen2_vl                            Qwen3-VL ViT d64, 2 layers, 8 
                                                   learned position table resampled to the 8x8
                                                   grid, merged 2x2; DeepStack from block 0 into
                                                   decoder layer 0; qk-norm, interleaved M-RoPE
+gemma3     ``<start_of_image> <image> x 16        SigLIP d64, 2 layers, 8 px patches, average-
+           <end_of_image>``                       pooled 2x2 (Gemma 3 decoder, image tokens
+                                                  attend bidirectionally within the image)
 =========  =====================================  ============================================
 """
 from __future__ import annotations
@@ -26,8 +29,8 @@ from PIL import Image
 
 from . import shapes as S
 from .processing import (
-    BOS, IMAGE, PAD, QWEN_PATCH, QWEN_VOCAB, VEND_ID, VSTART_ID, build_processor, build_qwen_processor,
-    pixel_values, qwen_pixel_values,
+    BOI_ID, BOS, EOI_ID, GEMMA_PATCH, GEMMA_VOCAB, IMAGE, PAD, QWEN_PATCH, QWEN_VOCAB, VEND_ID, VSTART_ID,
+    build_gemma3_processor, build_processor, build_qwen_processor, pixel_values, qwen_pixel_values,
 )
 
 # The text model is the same in both families: Qwen2-style d64, 4 layers, 4 heads (2 kv), untied.
@@ -46,6 +49,7 @@ class Recipe:
     build_processor: Callable[[], Any]
     image_inputs: Callable[[list[Image.Image]], dict[str, torch.Tensor]]  # fast path, equal to the processor's
     mm_token_type_ids: bool = False  # Qwen2-VL marks image tokens per position (what its processor returns)
+    token_type_ids: bool = False  # Gemma 3 likewise, under this name (its bidirectional image attention reads it)
 
     @property
     def first_image_pos(self) -> int:
@@ -54,7 +58,10 @@ class Recipe:
 
     def text_inputs(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Extra per-token inputs the family needs besides input_ids / attention_mask."""
-        return {"mm_token_type_ids": (ids == IMAGE).int()} if self.mm_token_type_ids else {}
+        out = {"mm_token_type_ids": (ids == IMAGE).int()} if self.mm_token_type_ids else {}
+        if self.token_type_ids:
+            out["token_type_ids"] = (ids == IMAGE).long()
+        return out
 
     def model_class(self):
         import transformers
@@ -108,6 +115,27 @@ def _qwen3_vl_config(init_range: float):
     return cfg
 
 
+def _gemma3_config(init_range: float):
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        image_size=S.IMAGE_SIZE, patch_size=GEMMA_PATCH, num_channels=3, vision_use_head=False,
+        initializer_range=init_range,
+    )
+    # the TEXT sizes; layers 0 and 3 local (window 16), 1 and 2 global: the planted image-lookup (L1) and item
+    # retrieval (L2) heads reach further back than a window
+    text = Gemma3TextConfig(
+        vocab_size=len(GEMMA_VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=256, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention", "full_attention", "sliding_attention"], tie_word_embeddings=False, bos_token_id=BOS,
+        pad_token_id=PAD, eos_token_id=None, initializer_range=init_range,
+    )
+    return Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=S.NUM_IMAGE_TOKENS,
+                        image_token_index=IMAGE, boi_token_index=BOI_ID, eoi_token_index=EOI_ID,
+                        tie_word_embeddings=False, initializer_range=init_range)
+
+
 RECIPES: dict[str, Recipe] = {
     "llava": Recipe(
         family="llava", hf_class="LlavaForConditionalGeneration",
@@ -131,6 +159,15 @@ RECIPES: dict[str, Recipe] = {
                              "DeepStack into layer 0"},
         image_block=(VSTART_ID,) + (IMAGE,) * S.NUM_IMAGE_TOKENS + (VEND_ID,), build_config=_qwen3_vl_config,
         build_processor=build_qwen_processor, image_inputs=qwen_pixel_values, mm_token_type_ids=True,
+    ),
+    "gemma3": Recipe(
+        family="gemma3", hf_class="Gemma3ForConditionalGeneration",
+        description={"vision": "SigLIP d64, 2 layers, 4 heads, patch 8, average-pooled 2x2 to 16 tokens",
+                     "text": "Gemma 3 d64, 4 layers (local window 16, global, global, local), 4 heads (2 kv), "
+                             "untied, qk-norm, pre+post norms"},
+        image_block=(BOI_ID,) + (IMAGE,) * S.NUM_IMAGE_TOKENS + (EOI_ID,), build_config=_gemma3_config,
+        build_processor=build_gemma3_processor, image_inputs=lambda images: {"pixel_values": pixel_values(images)},
+        token_type_ids=True,
     ),
 }
 

@@ -357,8 +357,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--objects", type=int, default=2, choices=S.N_OBJECTS,
                    help="objects per scene (3 needs --layout random)")
     p.add_argument("--family", default="llava", choices=sorted(RECIPES),
-                   help="model family: llava (SigLIP, 1-D RoPE), qwen2_vl (Qwen ViT + merger, M-RoPE) or qwen3_vl "
-                        "(Qwen3 ViT, DeepStack, qk-norm, interleaved M-RoPE)")
+                   help="model family: llava (SigLIP, 1-D RoPE), qwen2_vl (Qwen ViT + merger, M-RoPE), qwen3_vl "
+                        "(Qwen3 ViT, DeepStack, qk-norm, interleaved M-RoPE) or gemma3 (SigLIP + pooled projector, "
+                        "local/global Gemma 3 decoder)")
     args = p.parse_args(argv)
     if args.stop_after is not None and args.stop_after > args.steps:
         p.error(f"argument --stop-after: expected at most --steps ({args.steps}), got {args.stop_after}")

@@ -47,13 +47,15 @@ class ViTTower(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(n_patches + int(cfg.class_token), cfg.d_model))
         self.ln_pre = NORMS[cfg.normalization_type](cfg.d_model, cfg.eps) if cfg.pre_norm else None
         self.blocks = nn.ModuleList(vision_block(cfg) for _ in range(cfg.n_layers))
+        self.ln_post = NORMS[cfg.normalization_type](cfg.d_model, cfg.eps) if cfg.post_norm else None
         self.hook_patch_embed = HookPoint()
         self.hook_embed = HookPoint()
 
     def forward(
         self, pixel_values: Float[Tensor, "n_img channel height width"], feature_layers: list[int]
     ) -> Float[Tensor, "n_img pos d_feature"]:
-        """The hidden states at `feature_layers` (HF indexing, negatives allowed), concatenated on the last axis."""
+        """The hidden states at `feature_layers` (HF indexing, negatives allowed), concatenated on the last axis;
+        with `cfg.post_norm`, the last block's output after the final norm (HF's `last_hidden_state`)."""
         cfg = self.cfg
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != (cfg.n_channels, cfg.image_size, cfg.image_size):
             raise ValueError(
@@ -73,4 +75,8 @@ class ViTTower(nn.Module):
         for i, block in enumerate(self.blocks[: wanted[-1]]):
             x = block(x)
             states[i + 1] = x
+        if self.ln_post is not None:
+            if [hidden_state_index(l, cfg.n_layers) for l in feature_layers] != [cfg.n_layers]:
+                raise ValueError(f"a tower with a final norm outputs its last layer only; asked for layers {feature_layers}")
+            return self.ln_post(x)
         return torch.cat([states[hidden_state_index(l, cfg.n_layers)] for l in feature_layers], dim=-1)

@@ -7,7 +7,7 @@ import pytest
 from analyses.demo import run_demo
 
 
-@pytest.mark.parametrize("organism", ["shapes_llava", "shapes_qwen2_vl", "shapes_qwen3_vl"])
+@pytest.mark.parametrize("organism", ["shapes_llava", "shapes_qwen2_vl", "shapes_qwen3_vl", "shapes_gemma3"])
 def test_demo_runs_and_reports(organism, tmp_path):
     summary = run_demo(model_path=organism, out_dir=str(tmp_path), n=32, seed=0)
     html = (tmp_path / "index.html").read_text()

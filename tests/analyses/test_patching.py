@@ -314,13 +314,22 @@ def test_organism_image_counterfactual(organism):
     assert top == [2 * n_heads + 0, 1 * n_heads + 0]
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl", "gemma3"])
 def test_reuse_prefix_equals_full_reruns(setup, family):
     """Every decoder hook kind, with alpha interpolation and per-head / per-position sites: resuming from the saved
     target run (reuse_prefix=True) gives the full forwards' values; the vision tower then runs only for the
     baselines, the source cache and the one saved run, never per chunk."""
     if family == "llava":
         model, clean, _, corrupt, metric = setup
+    elif family == "gemma3":  # positions inside an image: resumed from the image's first token (bidirectional)
+        from tiny import gemma3_inputs, gemma3_processor, tiny_gemma3
+
+        hf = tiny_gemma3()
+        proc = gemma3_processor(hf)
+        model = HookedVLM.from_hf(hf, proc)
+        clean = gemma3_inputs(proc, (1, 2), words=2)  # n - 6 is inside the second image
+        corrupt = dict(clean, pixel_values=gemma3_inputs(proc, (1, 2), seed=1, words=2)["pixel_values"])
+        metric = LogitDiff(torch.tensor([3, 4]), torch.tensor([5, 6]), clean["attention_mask"])
     else:
         from tiny import qwen_inputs, tiny_qwen3_vl, tiny_qwen_vl
 

@@ -2,7 +2,8 @@
 family's image inputs (per-image tensors, Qwen's packed patches, LLaVA-OV's batch_num_images)."""
 import pytest
 import torch
-from tiny import llava_inputs, onevision_processor, qwen_inputs, random_image, tiny_llava, tiny_llava_onevision, tiny_qwen_vl
+from tiny import (gemma3_inputs, gemma3_processor, llava_inputs, onevision_processor, qwen_inputs, random_image, tiny_gemma3,
+                  tiny_llava, tiny_llava_onevision, tiny_qwen_vl)
 
 from hooked_vlm import HookedVLM
 from hooked_vlm.batching import slice_prompts
@@ -34,7 +35,14 @@ def _qwen():
     return HookedVLM.from_hf(tiny_qwen_vl()), qwen_inputs([[(16, 24)], [(8, 8), (16, 16)], [(24, 8)]])
 
 
-@pytest.mark.parametrize("build", [_llava, _onevision, _qwen], ids=["llava", "llava_onevision", "qwen2_vl"])
+def _gemma3():
+    """token_type_ids (bidirectional image blocks) sliced with the prompts; prompt 2 is text only."""
+    hf = tiny_gemma3()
+    proc = gemma3_processor(hf)
+    return HookedVLM.from_hf(hf, proc), gemma3_inputs(proc, (1, 2, 0))
+
+
+@pytest.mark.parametrize("build", [_llava, _onevision, _qwen, _gemma3], ids=["llava", "llava_onevision", "qwen2_vl", "gemma3"])
 def test_slices_run_like_the_whole_batch(build):
     model, inputs = build()
     images = (model.layout(inputs).image_index.amax(1) + 1).tolist()

@@ -5,15 +5,18 @@ import pytest
 import torch
 
 from hooked_vlm import HookedVLM
-from hooked_vlm.resume import capture, resume
-from tiny import llava_inputs, qwen_inputs, tiny_llava, tiny_qwen_vl
+from hooked_vlm.resume import capture, resume, safe_start
+from tiny import gemma3_inputs, gemma3_processor, llava_inputs, qwen_inputs, tiny_gemma3, tiny_llava, tiny_qwen_vl
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "gemma3"])
 def model_and_inputs(request):
     if request.param == "llava":
         hf = tiny_llava()
         return HookedVLM.from_hf(hf), llava_inputs(hf, batch=2, pad_left=2)
+    if request.param == "gemma3":  # bidirectional image blocks: resume restarts at an image's first token
+        hf = tiny_gemma3()
+        return HookedVLM.from_hf(hf), gemma3_inputs(gemma3_processor(hf), (2, 1))
     return HookedVLM.from_hf(tiny_qwen_vl()), qwen_inputs([[(16, 16)], [(8, 16)]])
 
 
@@ -26,7 +29,7 @@ def test_resume_equals_forward_everywhere(model_and_inputs):
     s = inputs["input_ids"].shape[1]
     for layer in range(model.cfg.n_layers):
         for pos in (0, 1, s // 2, s - 1):
-            out = resume(model, saved, layer, pos, n=2)
+            out = resume(model, saved, layer, safe_start(saved, pos), n=2)
             torch.testing.assert_close(out, torch.cat([ref, ref]), rtol=0, atol=1e-5)
 
 

@@ -1,8 +1,8 @@
 """TransformerLens cache methods are exact on every family, image positions included."""
 import pytest
 import torch
-from tiny import (llava_inputs, onevision_processor, qwen_inputs, random_image, tiny_llava, tiny_llava_onevision, tiny_qwen3_vl,
-                  tiny_qwen_vl)
+from tiny import (gemma3_inputs, gemma3_processor, llava_inputs, onevision_processor, qwen_inputs, random_image, tiny_gemma3,
+                  tiny_llava, tiny_llava_onevision, tiny_qwen3_vl, tiny_qwen_vl)
 from transformer_lens.model_protocol import TransformerLensModel
 
 from hooked_vlm import HookedVLM
@@ -33,9 +33,15 @@ def _qwen(kind):
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_onevision", *QWEN])
+def _gemma3():
+    hf = tiny_gemma3()
+    proc = gemma3_processor(hf)
+    return HookedVLM.from_hf(hf, proc), gemma3_inputs(proc, (2, 1))
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_onevision", *QWEN, "gemma3"])
 def family(request):
-    build = {"llava": _llava, "llava_onevision": _onevision, **{kind: _qwen(kind) for kind in QWEN}}
+    build = {"llava": _llava, "llava_onevision": _onevision, **{kind: _qwen(kind) for kind in QWEN}, "gemma3": _gemma3}
     model, inputs = build[request.param]()
     assert model.cfg.family == request.param
     logits, cache = model.run_with_cache(**inputs)
@@ -60,15 +66,24 @@ def test_decompose_resid_and_logit_attrs_exact(family):
     assert torch.allclose(lens[-1][real], logits[real], atol=1e-4)
 
 
+def _attention_output(model, cache, l):
+    """What the heads sum to: hook_attn_out, or, with a post-norm (Gemma 3), the post-norm's input (scale *
+    normalized); hook_attn_out is then the post-norm's output (docs/hook_names.md)."""
+    if model.blocks[l].ln1_post is None:
+        return cache[f"blocks.{l}.hook_attn_out"]
+    return cache[f"blocks.{l}.ln1_post.hook_normalized"] * cache[f"blocks.{l}.ln1_post.hook_scale"]
+
+
 def test_head_results_sum_to_attn_out(family):
     model, inputs, _, cache = family
     for l in range(model.cfg.n_layers):
         heads = cache.stack_head_results(layer=l + 1, return_labels=False)[-model.cfg.n_heads:]
-        assert torch.allclose(heads.sum(0) + model.blocks[l].attn.b_O, cache[f"blocks.{l}.hook_attn_out"], atol=1e-5)
-    _, cache2 = model.run_with_cache(**inputs, names_filter=lambda n: n.endswith(("attn.hook_result", "hook_attn_out")))
+        assert torch.allclose(heads.sum(0) + model.blocks[l].attn.b_O, _attention_output(model, cache, l), atol=1e-5)
+    _, cache2 = model.run_with_cache(**inputs, names_filter=lambda n: n.endswith(("attn.hook_result", "hook_attn_out"))
+                                     or ".ln1_post." in n)
     for l in range(model.cfg.n_layers):
         total = cache2[f"blocks.{l}.attn.hook_result"].sum(-2) + model.blocks[l].attn.b_O
-        assert torch.allclose(total, cache2[f"blocks.{l}.hook_attn_out"], atol=1e-5)
+        assert torch.allclose(total, _attention_output(model, cache2, l), atol=1e-5)
 
 
 def test_tl_patching_helper_equals_our_sweep(family):
