@@ -5,6 +5,6 @@ cache, the sweep engine, the result type) at the bottom; the paper modules side 
 task (`analyses.tasks`), the demo and the circuit ground truth above them.
 
 ``analyses.set_progress(False)`` silences every progress bar (or set ``HOOKED_VLM_PROGRESS=0``)."""
-from .toolkit.progress import set_progress
+from hooked_vlm.progress import set_progress
 
 __all__ = ["set_progress"]

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .toolkit import (Metric, Site, as_positions, first_position, hook_template, random_count,
-                      resolve_layers, run_cached, run_sites, tile)
+from .toolkit import (Estimate, Metric, Site, as_positions, bootstrap, first_position, hook_template, over_seeds,
+                      random_count, rate, resolve_layers, run_cached, run_sites, tile)
 
 if TYPE_CHECKING:
     from hooked_vlm import HookedVLM
@@ -38,11 +38,9 @@ KNOCKOUT_CONDITIONS: tuple[str, ...] = ("end_of_image", "last_image_token", "ran
 
 
 def text_after_image(layout: Any, image: int = -1) -> Tensor:
-    """Bool [batch, pos]: real text tokens after the end-of-image token of image `image` (default the last):
-    the paper's default query set."""
-    eoi = layout.end_of_image(image).int().argmax(dim=1)
-    pos = torch.arange(layout.shape[1])
-    return layout.text_positions() & (pos[None, :] > eoi[:, None])
+    """Bool [batch, pos]: the paper's default query set, `TokenLayout.text_after_image` (the real text tokens
+    after the image; an end-of-image marker is the gate, not a query)."""
+    return layout.text_after_image(image)
 
 
 def key_positions(layout: Any, condition: Any, seed: int = 0, image: int = -1) -> Tensor:
@@ -296,3 +294,164 @@ def plot_knockout_table(table: Mapping[str, Any], title: str | None = None, yaxi
 
     return plot_effect_table(table, title=title or "attention knockout (text -> keys, no renormalisation)",
                              yaxis_title=yaxis_title)
+
+
+# ------------------------------------------------------------------------ the paper's protocol, with intervals
+def estimate_of(values: Tensor) -> "Estimate":
+    """Per-prompt metric values -> an Estimate: a Wilson interval when they are all 0/1 (accuracy), else a
+    bootstrap interval of the mean over prompts."""
+    v = values.detach().float().cpu().flatten()
+    if bool(((v == 0) | (v == 1)).all()):
+        return rate(v)
+    return bootstrap(v)
+
+
+@dataclass
+class KnockoutRow:
+    """One condition of `knockout_protocol`: the metric's `estimate` over prompts (for the random condition, the
+    mean over `seeds` draws with a t interval over the seeds, `per_seed` holding each draw's mean), the same
+    knockout on the control prompts (`control`, or None), and whether the rows were renormalised."""
+
+    condition: str
+    renormalize: bool
+    estimate: "Estimate"
+    control: "Estimate | None" = None
+    per_seed: list[float] | None = None
+    n_keys: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"condition": self.condition, "renormalize": self.renormalize, **self.estimate.to_dict()}
+        if self.control is not None:
+            out["control"] = self.control.to_dict()
+        if self.per_seed is not None:
+            out["per_seed"] = self.per_seed
+            out["sd_over_seeds"] = self.estimate.sd
+        if self.n_keys is not None:
+            out["n_keys"] = self.n_keys
+        return out
+
+
+def random_key_count(layout: Any, fraction: float) -> int:
+    """The paper's random-token condition size: `fraction` of the image tokens (10 of ~576, about 2%, for LLaVA),
+    at least 1, from the prompt with the fewest image tokens."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"random_fraction: expected a fraction in (0, 1), e.g. 0.02, got {fraction}")
+    n_img = int(layout.is_image.sum(1).min())
+    if n_img == 0:
+        raise ValueError("random image-token knockout: a prompt has no image tokens")
+    return max(1, round(fraction * n_img))
+
+
+@torch.no_grad()
+def knockout_protocol(
+    model: "HookedVLM",
+    inputs: dict[str, Any],
+    metric: Metric,
+    *,
+    control_inputs: dict[str, Any] | None = None,
+    control_metric: Metric | None = None,
+    random_fraction: float = 0.02,
+    n_seeds: int = 5,
+    renormalize: Sequence[bool] = (False, True),
+    layers: int | Sequence[int] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[KnockoutRow]:
+    """Attention knockout as 2412.06646 runs it, every number with an interval:
+
+    - conditions: baseline, the end-of-image position (never an image patch: see `TokenLayout.end_of_image`), the
+      last image token, `random_fraction` of the image tokens (about 2%, at least 1) over `n_seeds` draws, all
+      image tokens; text queries after the image -> those keys, in every layer and head;
+    - without renormalisation (the paper's protocol) and with it (`renormalize`), side by side;
+    - the same knockouts on `control_inputs` / `control_metric` (a query that should not need the image, e.g.
+      the text-only colour -> item question), reported beside every condition.
+    Accuracy-like metrics (0/1 per prompt) get Wilson intervals, others a bootstrap over prompts; the random
+    condition the mean over seeds with a t interval over the seeds (and the sd)."""
+    if n_seeds < 1:
+        raise ValueError(f"n_seeds: expected at least 1 draw, got {n_seeds}")
+    if (control_inputs is None) != (control_metric is None):
+        raise ValueError("knockout_protocol: pass control_inputs and control_metric together (or neither)")
+
+    def tables(run_inputs: dict[str, Any], run_metric: Metric, renorm: bool) -> tuple[dict[str, Tensor], int]:
+        layout = model.layout(run_inputs)
+        k = random_key_count(layout, random_fraction)
+        conditions: dict[str, Any] = {"end_of_image": "end_of_image", "last_image_token": "last_image_token",
+                                      **{f"random@{s}": layout.random_image_tokens(k, seed=s) for s in range(n_seeds)},
+                                      "all_image": "all_image"}
+        table = knockout_table(model, run_inputs, run_metric, conditions, layers=layers, per_prompt=True,
+                               batch_size=batch_size, renormalize=renorm, progress=progress)
+        return table, k
+
+    rows: list[KnockoutRow] = []
+    for renorm in renormalize:
+        main, k = tables(inputs, metric, bool(renorm))
+        ctrl = tables(control_inputs, control_metric, bool(renorm))[0] if control_inputs is not None else None
+
+        def seeds(table: dict[str, Tensor]) -> tuple["Estimate", list[float]]:
+            means = [float(table[f"random@{s}"].float().mean()) for s in range(n_seeds)]
+            return over_seeds(means), means
+
+        for cond in ("baseline", "end_of_image", "last_image_token", "random", "all_image"):
+            if renorm and cond == "baseline":
+                continue  # the same run as without renormalisation
+            if cond == "random":
+                est, per = seeds(main)
+                rows.append(KnockoutRow(f"random {random_fraction:.0%} of image tokens ({k})", bool(renorm), est,
+                                        seeds(ctrl)[0] if ctrl is not None else None, per, k))
+            else:
+                rows.append(KnockoutRow(cond, bool(renorm), estimate_of(main[cond]),
+                                        estimate_of(ctrl[cond]) if ctrl is not None else None))
+    return rows
+
+
+@dataclass
+class SteeringSweepRow:
+    """`steering_sweep` at one layer: the share of eligible prompts (unsteered answer != the source's) whose
+    answer became the source's, with its Wilson interval, and the share that changed at all."""
+
+    layer: int
+    variant: str
+    flipped: "Estimate"
+    changed: "Estimate"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "variant": self.variant, **self.flipped.to_dict(), "changed": self.changed.to_dict()}
+
+
+STEERING_VARIANTS = {"resid": ("resid_pre", "the residual stream at that one layer"),
+                     "attn_input": ("blocks.{layer}.ln1.hook_normalized",
+                                    "the attention input (ln1 output) of that layer and every later one")}
+
+
+@torch.no_grad()
+def steering_sweep(
+    model: "HookedVLM",
+    inputs: dict[str, Any],
+    source_inputs: dict[str, Any],
+    source_answer: Tensor | Sequence[int] | int,
+    *,
+    layers: Sequence[int] | None = None,
+    variant: str = "resid",
+    candidates: Tensor | Sequence[int] | None = None,
+) -> list[SteeringSweepRow]:
+    """Steering through the end-of-image position one layer at a time, as 2412.06646 sweeps it (i = 0, 4, 8, ...
+    on 32 layers; default here every layer): the end-of-image state is taken from `source_inputs` (the same prompts
+    with another image) at layer i only (`variant="resid"`: blocks.{i}.hook_resid_pre), or in the attention input
+    of layers >= i (`variant="attn_input"`, the paper's second variant: what every later layer's attention reads
+    from that token)."""
+    if variant not in STEERING_VARIANTS:
+        raise ValueError(f"variant: expected one of {sorted(STEERING_VARIANTS)}, got {variant!r}")
+    hook = STEERING_VARIANTS[variant][0]
+    n = model.cfg.n_layers
+    layer_ids = list(range(n)) if layers is None else [int(l) + n if int(l) < 0 else int(l) for l in layers]
+    if not layer_ids or any(not 0 <= l < n for l in layer_ids):
+        raise ValueError(f"layers: expected indices in 0..{n - 1}, got {layers}")
+    rows = []
+    for layer in layer_ids:
+        chosen = [layer] if variant == "resid" else list(range(layer, n))
+        r = steer_end_of_image(model, inputs, source_inputs, source_answer, hook=hook, layers=chosen,
+                               candidates=candidates)
+        eligible = r.base_predictions != torch.as_tensor(source_answer).long().flatten().expand(len(r.base_predictions))
+        flipped = rate(r.flipped[eligible]) if eligible.any() else Estimate(math.nan, 0.0, 1.0, 0, method="wilson")
+        rows.append(SteeringSweepRow(layer, variant, flipped, rate(r.predictions != r.base_predictions)))
+    return rows

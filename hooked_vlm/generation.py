@@ -29,6 +29,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from .progress import progress_bar
+
 # per-token image kwargs ([batch, pos], e.g. Qwen's mm_token_type_ids) are extended with this for generated tokens
 _TEXT_TOKEN_TYPE = 0
 
@@ -80,13 +82,8 @@ def _running(ctx: StepContext) -> Iterator[StepContext]:
 
 
 # ---------------------------------------------------------------------------------------------- position sets
-def _text_after_image(layout: Any) -> Tensor:
-    eoi = layout.end_of_image().int().argmax(dim=1)
-    return layout.text_positions() & (torch.arange(layout.shape[1])[None, :] > eoi[:, None])
-
-
 _NAMED_SETS: dict[str, Callable[[Any], Tensor]] = {
-    "text": _text_after_image,  # the prompt's text after its last image (+ every generated token, for queries)
+    "text": lambda layout: layout.text_after_image(),  # the prompt's text after its last image (+ every generated token, for queries)
     "all_image": lambda layout: layout.image_positions(),
     "image": lambda layout: layout.image_positions(),
     "end_of_image": lambda layout: layout.end_of_image(),
@@ -301,8 +298,6 @@ class GenerationMixin:
         progress: a tqdm bar (default: on for max_new_tokens >= 64; `set_progress(False)` /
         HOOKED_VLM_PROGRESS=0 silence it).
         """
-        from analyses._progress import progress_bar
-
         _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
         position_ids = image_inputs.pop("position_ids", None)
         self._check_kwargs(input_ids, image_inputs)

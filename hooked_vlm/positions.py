@@ -11,8 +11,8 @@ Worked example (LLaVA-1.5, 336 px CLIP, patch 14, "default" selection, batch of 
     image_index: -1  -1  -1  0 ... 0    -1
     crop:        -1  -1  -1  0 ... 0    -1          (0 = base grid; LLaVA has no other crop)
     row, col:    -1  -1  -1  (0,0) (0,1) ... (23,23) -1
-    last_image_token() -> position 578; end_of_image() is the same token (LLaVA has no end-of-image marker),
-    first_after_image() -> 579; in_box(0, 0, .5, .5) -> the 144 tokens of rows 0-11, cols 0-11.
+    last_image_token() -> position 578; LLaVA has no end-of-image marker (has_end_of_image_token is False), so
+    end_of_image() is the first text position after the image, 579 (the narrow-gate paper's choice), never a patch; in_box(0, 0, .5, .5) -> the 144 tokens of rows 0-11, cols 0-11.
 
 LLaVA-OneVision (anyres): crop 0 is the base grid, crop 1 the unpadded hi-res grid; a newline token closes
 each row with col = -1. Qwen2-VL: each token is a merged 2x2 patch with (t, row, col) in the merged grid, and
@@ -41,7 +41,8 @@ class TokenLayout:
     col: Int[Tensor, "batch pos"]
     t: Int[Tensor, "batch pos"]
     grids: list[list[dict[int, tuple[int, int]]]] = field(default_factory=list)  # [batch][image] -> {crop: (rows, cols)}
-    end_of_image_offset: int = 0
+    end_of_image_offset: int = 1
+    has_end_of_image_token: bool = False  # False: end_of_image() is the first text position after the image (LLaVA)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -87,9 +88,17 @@ class TokenLayout:
         return self._one_per_row(self.last_image_token(image).int().argmax(dim=1) + 1)
 
     def end_of_image(self, image: int = -1) -> Bool[Tensor, "batch pos"]:
-        """The token through which image information is said to pass ('narrow gate'): the family decides
-        whether that is the last image token (LLaVA) or an end marker after it (Qwen2-VL's <|vision_end|>)."""
+        """The position through which image information is said to pass ('narrow gate'), never an image patch: the
+        end marker after the image where the family has one (Qwen's <|vision_end|>, Gemma 3's <end_of_image>),
+        else the first text position after it (LLaVA, as 2412.06646 does; `has_end_of_image_token` says which)."""
         return self._one_per_row(self.last_image_token(image).int().argmax(dim=1) + self.end_of_image_offset)
+
+    def text_after_image(self, image: int = -1) -> Bool[Tensor, "batch pos"]:
+        """The real text tokens after image `image` (default the last): the narrow-gate knockout's queries. An
+        end-of-image marker is the gate, not a query; without one (LLaVA) every text token after the image is a
+        query, the end-of-image position (the first of them) too."""
+        last = self.last_image_token(image).int().argmax(dim=1) + int(self.has_end_of_image_token)
+        return self.text_positions() & (torch.arange(self.shape[1])[None, :] > last[:, None])
 
     def final_token(self) -> Bool[Tensor, "batch pos"]:
         """The last real token of each prompt (right padding aware)."""
@@ -181,4 +190,5 @@ def build_layout(model: Any, inputs: Mapping[str, Any]) -> TokenLayout:
             position_ids = family.position_ids(model, input_ids.to(model.embed.weight.device),
                                                attention_mask.to(model.embed.weight.device), **inputs)
     return TokenLayout(input_ids, attention_mask, position_ids.cpu(), is_image, grids=grids,
-                       end_of_image_offset=family.end_of_image_offset(), **fields)
+                       end_of_image_offset=family.end_of_image_offset(),
+                       has_end_of_image_token=family.has_end_of_image_token, **fields)

@@ -35,7 +35,7 @@ from hooked_vlm.resume import SavedRun, capture, resume
 
 from .hooks import HEAD_FIRST, repeat_axis
 from .metric import Metric, metric_per_slot, metric_values
-from .progress import progress_bar
+from hooked_vlm.progress import progress_bar
 
 if TYPE_CHECKING:
     from hooked_vlm import HookedVLM

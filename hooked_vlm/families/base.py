@@ -119,10 +119,15 @@ class Family:
     def image_coords(self, model: nn.Module, input_ids: Tensor, **image_inputs: Any) -> list[ImageCoords]:
         raise NotImplementedError
 
+    # True where the tokenizer has an end-of-image marker after the image tokens (Qwen's <|vision_end|>, Gemma 3's
+    # <end_of_image>); LLaVA and LLaVA-OneVision have none
+    has_end_of_image_token: ClassVar[bool] = False
+
     def end_of_image_offset(self) -> int:
-        """Where the 'end-of-image' token sits relative to the last image token: 0 = the last image token itself
-        (LLaVA has no end marker), 1 = the next token (Qwen2-VL's <|vision_end|>)."""
-        return 0
+        """Where the 'end-of-image' position sits relative to the last image token. Never the last image token
+        itself (an image patch): with a marker, the marker; without one (LLaVA), the first text position after the
+        image, as the narrow-gate paper (2412.06646) uses for LLaVA-1.5. Both are the next position: 1."""
+        return 1
 
     def convert_state_dict(self, hf_sd: dict[str, Tensor], cfg: HookedVLMConfig) -> dict[str, Tensor]:
         raise NotImplementedError

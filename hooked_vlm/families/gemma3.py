@@ -90,6 +90,7 @@ def image_groups(token_type_ids: Tensor) -> Tensor:
 
 
 class Gemma3(Family):
+    has_end_of_image_token = True
     config_fields = GEMMA3_FIELDS
     model_type = "gemma3"
     image_kwargs = ("pixel_values", "token_type_ids")

@@ -110,6 +110,7 @@ QWEN2_VL_FIELDS = (
 
 
 class Qwen2VL(Family):
+    has_end_of_image_token = True
     model_type = "qwen2_vl"
     config_fields = QWEN2_VL_FIELDS
     image_kwargs = ("pixel_values", "image_grid_thw", "mm_token_type_ids") + VIDEO_KWARGS

@@ -39,7 +39,8 @@ def test_position_sets(setup):
     eoi = lay.end_of_image().int().argmax(1)
     for b in range(2):
         idx = q[b].nonzero().flatten()
-        assert len(idx) and (idx > eoi[b]).all() and not lay.is_image[b, idx].any()
+        # LLaVA has no marker: the queries are every text token after the image, its end-of-image position first
+        assert len(idx) and int(idx.min()) == int(eoi[b]) and not lay.is_image[b, idx].any()
         assert int(idx.max()) == int(lay.final_token()[b].int().argmax())
     assert (key_positions(lay, "random_10", seed=1).sum(1) == 10).all()
     assert (key_positions(lay, "random_10", seed=1) <= lay.image_positions()).all()
@@ -171,8 +172,10 @@ def test_table_batched_equals_single_runs(setup):
         torch.testing.assert_close(tables[0][label], tables[1][label], rtol=0, atol=1e-5)
         single = metric(run_with_knockout(model, inputs, label, seed=3))
         torch.testing.assert_close(tables[0][label], single, rtol=0, atol=1e-5)
-    # LLaVA has no end-of-image marker: its end-of-image token is the last image token
-    torch.testing.assert_close(tables[0]["end_of_image"], tables[0]["last_image_token"], rtol=0, atol=0)
+    # LLaVA has no end-of-image marker: its end-of-image position is the first text token after the image (the
+    # paper's choice), a different key from the last image token
+    assert not lay.has_end_of_image_token
+    assert (lay.end_of_image() & lay.is_image).sum() == 0 and (lay.end_of_image() & lay.last_image_token()).sum() == 0
     # chosen layers / heads and custom key sets
     custom = knockout_table(model, inputs, metric, conditions={"eoi_L0H0": lay.end_of_image()}, layers=[0], heads=[0],
                             progress=False)

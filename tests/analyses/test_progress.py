@@ -1,6 +1,6 @@
 """One switch silences every analysis progress bar; per-call progress=False still works."""
 from analyses import set_progress
-from analyses.toolkit import progress as _progress
+from hooked_vlm import progress as _progress
 
 
 def test_global_switch_and_per_call_flag():

@@ -147,7 +147,7 @@ def test_layout_of_llava_prompt(setup):
     assert lay.is_image.sum(1).tolist() == [16, 16]
     # prompt 0 is left-padded by 2: its image starts after 2 pads + 2 text tokens
     assert lay.image_positions()[0].nonzero().flatten().tolist() == list(range(4, 20))
-    assert lay.last_image_token()[0].nonzero().item() == 19 and lay.end_of_image()[0].nonzero().item() == 19
+    assert lay.last_image_token()[0].nonzero().item() == 19 and lay.end_of_image()[0].nonzero().item() == 20  # no marker: first text after
     assert lay.first_after_image()[0].nonzero().item() == 20
     box = lay.in_box(0, 0, 0.5, 0.5)
     assert box.sum(1).tolist() == [4, 4]  # 4x4 grid: the upper-left quarter is 2x2 tokens

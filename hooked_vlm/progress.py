@@ -1,4 +1,4 @@
-"""Progress bars for the analyses: one switch for all of them.
+"""Progress bars for the analyses and generation: one switch for all of them (it lives here, below both).
 
 Every analysis takes ``progress=`` per call; ``set_progress(False)`` (or the environment variable
 ``HOOKED_VLM_PROGRESS=0``) silences them all, e.g. in a notebook that runs many small sweeps. Bars never stay on
