@@ -33,6 +33,7 @@ toward the other run's answer).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import plotly.graph_objects as go
@@ -40,7 +41,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from .toolkit import Metric, act_name, metric_values, run_cached, transplant_sweep
+from .toolkit import Estimate, Metric, act_name, metric_values, over_seeds, rank_stability, rate, run_cached, transplant_sweep
+from .toolkit.stats import RankStability
 
 if TYPE_CHECKING:
     from hooked_vlm import HookedVLM
@@ -174,6 +176,89 @@ def intervene_heads(
     with model.hooks(fwd_hooks=[(act_name("z", l), hook) for l in by_layer]):
         logits = model(**inputs)
     return logits if metric is None else metric(logits)
+
+
+# ---------------------------------------------------------------------- the paper's intervention protocol
+@dataclass
+class InterventionResult:
+    """`intervention_protocol`: the top-k heads chosen on the selection split (with how stable that choice is
+    over bootstrap resamples of its prompts, `stability`), their layers (the paper's layer bands), and per alpha
+    the efficacy on the held-out evaluation split (share of prompts switched to the target answer, Wilson
+    interval) beside k random heads (`random`: mean over draws, t interval over the draws)."""
+
+    heads: list[Head]
+    layers: list[int]
+    stability: RankStability
+    efficacy: dict[float, Estimate]
+    random: dict[float, Estimate]
+    n_random: int
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [{"alpha": a, "top_heads": self.efficacy[a].to_dict(), "random_heads": self.random[a].to_dict()}
+                for a in self.efficacy]
+
+
+def _switch_rate(model: "HookedVLM", inputs: Inputs, heads: Sequence[Head], alpha: float, d_t: Tensor, d_o: Tensor,
+                 target: Tensor) -> Tensor:
+    from .metrics import final_logits
+
+    logits = intervene_heads(model, inputs, heads, alpha, d_t, d_o, final_positions(model, inputs))
+    return (final_logits(logits, inputs.get("attention_mask")).argmax(-1).cpu() == target.cpu()).float()
+
+
+@torch.no_grad()
+def intervention_protocol(
+    model: "HookedVLM",
+    select: tuple[Inputs, Inputs, Metric],
+    conditions: tuple[Inputs, Inputs],
+    evaluate: tuple[Inputs, Tensor],
+    *,
+    k: int = 3,
+    alphas: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
+    n_random: int = 20,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> InterventionResult:
+    """The alpha * (d_t - d_o) intervention of 2506.15871, with heads chosen on one split and judged on another.
+
+    select:     (clean, counterfactual, metric) pairs of the SELECTION split: the top-k heads by causal-mediation
+                score at the final token (`feature_retrieval_scores`; metric = LogitDiff(cf answer, clean answer)).
+    conditions: (other, target) prompts of the selection split that differ in the symbolic variable the heads are
+                thought to carry (e.g. the answer is the first- vs the second-mentioned item): d_t / d_o = each
+                head's mean output (hook_z) at the final token on the target / other prompts.
+    evaluate:   (other prompts, target answers) of the EVALUATION split: alpha * (d_t - d_o) is added to the heads'
+                outputs at the final token; efficacy = share of prompts now giving the target answer.
+    Control: `n_random` draws of k random heads, each with its own d_t / d_o, at every alpha."""
+    clean_s, cf_s, metric = select
+    other_s, target_s = conditions
+    other_e, answer = evaluate
+    if not 1 <= k <= model.cfg.n_layers * model.cfg.n_heads:
+        raise ValueError(f"k: expected 1..{model.cfg.n_layers * model.cfg.n_heads} heads, got {k}")
+    if n_random < 1 or not alphas:
+        raise ValueError(f"expected n_random >= 1 and at least one alpha, got {n_random} and {list(alphas)}")
+    per_prompt = feature_retrieval_scores(model, clean_s, cf_s, metric, per_prompt=True, batch_size=batch_size,
+                                          progress=progress)  # [layer, head, batch]
+    flat = per_prompt.flatten(0, 1).T  # [batch, layer * head]
+    n_h = model.cfg.n_heads
+    stability = rank_stability(flat, k, labels=[f"L{i // n_h}H{i % n_h}" for i in range(flat.shape[1])], seed=seed)
+    top = top_k_heads(per_prompt.mean(-1), k)
+    answer = torch.as_tensor(answer).long().flatten().expand(other_e["input_ids"].shape[0])
+
+    def efficacy_of(heads: Sequence[Head]) -> dict[float, Tensor]:
+        d_t = mean_head_outputs(model, target_s, heads, final_positions(model, target_s))
+        d_o = mean_head_outputs(model, other_s, heads, final_positions(model, other_s))
+        return {float(a): _switch_rate(model, other_e, heads, float(a), d_t, d_o, answer) for a in alphas}
+
+    chosen = efficacy_of(top)
+    gen = torch.Generator().manual_seed(seed)
+    draws: dict[float, list[float]] = {float(a): [] for a in alphas}
+    for _ in range(n_random):
+        idx = torch.randperm(model.cfg.n_layers * n_h, generator=gen)[:k]
+        for a, v in efficacy_of([(int(i) // n_h, int(i) % n_h) for i in idx]).items():
+            draws[a].append(float(v.mean()))
+    return InterventionResult(top, sorted({l for l, _ in top}), stability, {a: rate(v) for a, v in chosen.items()},
+                              {a: over_seeds(v) for a, v in draws.items()}, n_random)
 
 
 # -------------------------------------------------------------------------------------------------- plots

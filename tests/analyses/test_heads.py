@@ -229,3 +229,29 @@ def test_organism_retrieval_head_carries_the_item(organism):
         d_t, d_o = mean_head_outputs(model, a.inputs, heads, fin(a)), mean_head_outputs(model, fit.inputs, heads, fin(fit))
         assert intervene_heads(model, ev.inputs, heads, 0.0, d_t, d_o, fin(ev), metric=to_a).mean() == 0.0
         assert intervene_heads(model, ev.inputs, heads, 1.0, d_t, d_o, fin(ev), metric=to_a).mean() == expected
+
+
+def test_intervention_protocol_held_out_split_and_identities():
+    """alpha * (d_t - d_o) on the top-k heads of a selection split, judged on another split against random heads:
+    with identical conditions d_t - d_o = 0 and the intervention is the identity at every alpha."""
+    from analyses.heads import intervention_protocol
+    from analyses.metrics import final_logits
+    from analyses.tasks import encode
+    from hooked_vlm.organism import ShapesGenerator, load_organism
+
+    model = load_organism("shapes_llava")
+    pairs = ShapesGenerator(1).pairs(16, "swap_shapes", "shape_item", split="heldout")
+    clean, cf = encode(model.processor, [p[0] for p in pairs]), encode(model.processor, [p[1] for p in pairs])
+    other = encode(model.processor, ShapesGenerator(3).samples(16, "shape_item", split="heldout"))
+    held = encode(model.processor, ShapesGenerator(4).samples(16, "shape_item", split="heldout"))
+    select = (clean.inputs, cf.inputs, LogitDiff(cf.answer, clean.answer, clean.inputs["attention_mask"]))
+    res = intervention_protocol(model, select, (other.inputs, other.inputs), (held.inputs, held.wrong), k=2,
+                                alphas=(1.0, 8.0), n_random=3, progress=False)
+    with torch.no_grad():
+        base = final_logits(model(**held.inputs), held.inputs["attention_mask"]).argmax(-1)
+    baseline = float((base == held.wrong).float().mean())  # the trained organism answers right: ~0
+    assert all(e.value == pytest.approx(baseline) and e.n == 16 for e in res.efficacy.values())
+    assert all(r.value == pytest.approx(baseline) and r.n == 3 for r in res.random.values())
+    assert res.heads == [(2, 0), (1, 0)] and res.layers == [1, 2]  # the planted retrieval and lookup heads
+    assert res.stability.in_top_k[2 * model.cfg.n_heads] == 1.0  # L2H0 in the top 2 in every resample
+    assert [r["alpha"] for r in res.rows()] == [1.0, 8.0]
