@@ -212,7 +212,7 @@ def test_errors(llava):
 
 
 def test_progress_switch(llava, capsys):
-    from analyses._progress import set_progress
+    from analyses import set_progress
 
     model, inputs = llava
     previous = set_progress(False)
