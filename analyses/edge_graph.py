@@ -81,7 +81,7 @@ def check_additive_heads(model: "HookedVLM") -> None:
 def node_names(model: "HookedVLM", *, image_path: bool = False) -> list[str]:
     c = model.cfg
     check_additive_heads(model)
-    if image_path and deepstack_layers(model):  # the DeepStack mergers read inner tower blocks: no receivers model that
+    if image_path and deepstack_layers(model):  # the DeepStack mergers read inner tower blocks, which no receiver models
         raise NotImplementedError(
             f"image_path=True does not support DeepStack models yet ({c.family}: mergers read vision blocks "
             f"{c.family_options.get('deepstack_visual_indexes')} besides the last); use image_path=False, whose "
