@@ -63,15 +63,37 @@ def _is_vision(name: str) -> bool:
     return name == "projector" or name.startswith("V")
 
 
+def deepstack_layers(model: "HookedVLM") -> list[int]:
+    """Decoder layers with a DeepStack addition (Qwen3-VL: `blocks.{l}.hook_deepstack`); [] for other families."""
+    return list(model.cfg.deepstack_layers)
+
+
+def check_additive_heads(model: "HookedVLM") -> None:
+    """Raise unless every head's ``hook_result`` (and MLP output) is an additive term of the residual stream."""
+    if any(getattr(b, "ln1_post", None) is not None or getattr(b, "ln2_post", None) is not None for b in model.blocks):
+        raise ValueError(
+            "edge attribution needs each head's output (hook_result) to be an additive term of the residual stream; "
+            "with attention / MLP post-norms (Gemma 3's ln1_post / ln2_post) the heads are normalised together "
+            "before they are added, so per-head edges are not defined. Use path patching (analyses.paths) or "
+            "activation patching instead")
+
+
 def node_names(model: "HookedVLM", *, image_path: bool = False) -> list[str]:
     c = model.cfg
+    check_additive_heads(model)
+    if image_path and deepstack_layers(model):  # the DeepStack mergers read inner tower blocks, which no receiver models
+        raise NotImplementedError(
+            f"image_path=True does not support DeepStack models yet ({c.family}: mergers read vision blocks "
+            f"{c.family_options.get('deepstack_visual_indexes')} besides the last); use image_path=False, whose "
+            "graph has the DeepStack additions as nodes DS{l}")
     vision = _vision_nodes(vision_depth(model)) if image_path else []
     return (vision + ["embed_image", "embed_text"] + [f"L{l}H{h}" for l in range(c.n_layers) for h in range(c.n_heads)]
-            + [f"MLP{l}" for l in range(c.n_layers)])
+            + [f"MLP{l}" for l in range(c.n_layers)] + [f"DS{l}" for l in deepstack_layers(model)])
 
 
 def receiver_names(model: "HookedVLM", *, image_path: bool = False) -> list[str]:
     c = model.cfg
+    check_additive_heads(model)
     out = _vision_receivers(vision_depth(model)) if image_path else []
     for l in range(c.n_layers):
         out += [f"L{l}H{h}.q" for h in range(c.n_heads)]
@@ -81,9 +103,11 @@ def receiver_names(model: "HookedVLM", *, image_path: bool = False) -> list[str]
 
 
 def _parse_node(u: str) -> tuple[int, int]:
-    """Write order: embed (-1, 0), head of layer l (l, 0), MLP l (l, 1)."""
+    """Write order: embed (-1, 0), head of layer l (l, 0), MLP l (l, 1), DeepStack addition after block l (l, 2)."""
     if u.startswith("embed"):
         return (-1, 0)
+    if u.startswith("DS"):
+        return (int(u[2:]), 2)
     if u.startswith("MLP"):
         return (int(u[3:]), 1)
     return (int(u[1:].split("H")[0]), 0)
@@ -123,11 +147,12 @@ def valid_edges(model: "HookedVLM", *, image_path: bool = False) -> list[Edge]:
 
 
 def _node_hooks(model: "HookedVLM", depth: int | None = None) -> list[str]:
+    check_additive_heads(model)
     n = model.cfg.n_layers
     vision = [] if depth is None else ["vision.blocks.0.hook_resid_pre"] + [
         f"vision.blocks.{k}.hook_{s}_out" for k in range(depth) for s in ("attn", "mlp")]
     return (vision + ["hook_embed"] + [act_name("result", l) for l in range(n)]
-            + [act_name("mlp_out", l) for l in range(n)])
+            + [act_name("mlp_out", l) for l in range(n)] + [f"blocks.{l}.hook_deepstack" for l in deepstack_layers(model)])
 
 
 def _image_mask(model: "HookedVLM", inputs: dict[str, Any]) -> Tensor:
@@ -156,6 +181,9 @@ def _acts_from_cache(model: "HookedVLM", cache: Any, img: Tensor, depth: int | N
         for h in range(model.cfg.n_heads):
             acts[f"L{l}H{h}"] = r[:, :, h]
         acts[f"MLP{l}"] = cache[act_name("mlp_out", l)]
+    for l in deepstack_layers(model):
+        name = f"blocks.{l}.hook_deepstack"
+        acts[f"DS{l}"] = cache[name] if name in cache.cache_dict else torch.zeros_like(e)  # no image in the run: nothing added
     return acts
 
 

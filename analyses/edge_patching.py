@@ -18,8 +18,8 @@ from torch import Tensor
 
 from .toolkit import Metric, act_name, progress_bar
 from .toolkit.metric import metric_values
-from .edge_graph import (Edge, EdgeGraph, _image_mask, _is_edge, _is_vision, node_activations, node_names,
-                         receiver_names, valid_edges, vision_depth)
+from .edge_graph import (Edge, EdgeGraph, _image_mask, _is_edge, _is_vision, deepstack_layers, node_activations,
+                         node_names, receiver_names, valid_edges, vision_depth)
 
 if TYPE_CHECKING:
     from hooked_vlm import HookedVLM
@@ -85,6 +85,8 @@ def _edge_hooks(
     def on_embed(x: Tensor, hook: Any = None) -> None:
         m = img.to(x.device).repeat(x.shape[0] // img.shape[0], 1, 1)
         cur["embed_image"], cur["embed_text"] = x * m, x * ~m
+        for l in deepstack_layers(model):  # stays 0 unless the block adds something (no image in this run)
+            cur[f"DS{l}"] = torch.zeros_like(x)
 
     def store(key: str) -> Callable:
         def fn(x: Tensor, hook: Any = None) -> None:
@@ -127,6 +129,11 @@ def _edge_hooks(
             return out
         return fn
 
+    def on_deepstack(l: int) -> Callable:
+        def fn(x: Tensor, hook: Any = None) -> None:
+            cur[f"DS{l}"] = x
+        return fn
+
     def on_final(x: Tensor, hook: Any = None) -> Tensor:
         d = delta("logits") if "logits" in active else None
         return x if d is None else x + d
@@ -143,6 +150,8 @@ def _edge_hooks(
         hooks.append((act_name("result", l), on_result(l)))
         hooks.append((act_name("resid_mid", l), store(f"mid{l}")))
         hooks.append((act_name("mlp_out", l), on_mlp(l)))
+        if l in deepstack_layers(model):
+            hooks.append((f"blocks.{l}.hook_deepstack", on_deepstack(l)))
     hooks.append((act_name("resid_post", c.n_layers - 1), on_final))
     return hooks
 

@@ -6,6 +6,8 @@ Graph. Upstream nodes (each writes an additive term of the residual stream):
   ``embed_image`` (``hook_embed`` at image positions: the projector's output, i.e. the whole image path),
   ``embed_text`` (``hook_embed`` elsewhere), every head ``L{l}H{h}`` (its ``hook_result``) and every MLP
   ``MLP{l}`` (``hook_mlp_out``). The attention output bias is a constant, not a node.
+  DeepStack models (Qwen3-VL) add ``DS{l}`` (``blocks.{l}.hook_deepstack``: image features added after block l's
+  MLP; a graph input like ``embed_image``, written after ``MLP{l}``); with ``image_path=True`` they raise.
 Receivers (each reads the residual stream):
   ``L{l}H{h}.q`` (query head h), ``L{l}H{g}.k`` / ``L{l}H{g}.v`` (KEY/VALUE head g: with grouped-query attention
   one kv head serves ``n_heads / n_kv_heads`` query heads), ``MLP{l}`` and ``logits``.
@@ -38,8 +40,8 @@ respect to ``delta_v`` is dM/d(input of v) along v's own path only (as Transform
 
 Scores (noising, gradients at the clean run):
     EAP(u -> v)    = sum over positions of (a_u(corrupt) - a_u(clean)) . dM/d(input of v) |clean
-    EAP-IG(u -> v) = same with the gradient averaged over m runs whose ``hook_embed`` is
-                     clean + (k/m) (corrupt - clean), k = 0..m-1 (left Riemann sum from the clean end, so m = 1
+    EAP-IG(u -> v) = same with the gradient averaged over m runs whose ``hook_embed`` (and DeepStack additions)
+                     is clean + (k/m) (corrupt - clean), k = 0..m-1 (left Riemann sum from the clean end, so m = 1
                      is EAP exactly)
 With ``image_path=True`` EAP-IG interpolates the graph's INPUTS instead: ``V.embed`` and ``hook_embed`` at text
 positions, while the image positions of ``hook_embed`` follow the tower (projector output) so that the vision
@@ -56,7 +58,8 @@ the metric (MLPs zeroed, attention patterns and norm scales frozen) EAP equals t
 per position, for vision nodes over images / crops per patch, so for Qwen's packed [1, patches, d] tower a no-op).
 Ablating every edge with counterfactual values reproduces the corrupt run, keeping every edge the clean run (both
 tested, with and without the image path). Not included: per-prompt and per-position scores of vision edges (they
-raise) and a connectivity clean-up of pruned graphs (dangling edges are kept as they are).
+raise), a connectivity clean-up of pruned graphs (dangling edges are kept as they are), and models with attention
+post-norms (Gemma 3: per-head outputs are not additive terms of the residual stream; every entry point raises).
 """
 from __future__ import annotations
 
@@ -68,8 +71,8 @@ from torch import Tensor
 from .toolkit import Metric, progress_bar
 from .toolkit.hooks import frozen_parameters
 from .toolkit.metric import as_float, metric_values
-from .edge_graph import (Edge, EdgeGraph, _image_mask, _is_edge, _is_vision, _no_tower_run, node_activations,
-                         node_names, receiver_names)
+from .edge_graph import (Edge, EdgeGraph, _image_mask, _is_edge, _is_vision, _no_tower_run, deepstack_layers,
+                         node_activations, node_names, receiver_names)
 from .edge_patching import _edge_hooks
 
 if TYPE_CHECKING:
@@ -160,6 +163,9 @@ def eap(
                 v_c, v_x = acts_c["V.embed"], acts_x["V.embed"]
                 ve = v_c + (k / ig_steps) * (v_x - v_c)
                 hooks.append(("vision.blocks.0.hook_resid_pre", lambda x, hook=None, ve=ve: ve.to(x.device, x.dtype)))
+            for l in deepstack_layers(model):  # DeepStack additions are graph inputs too: interpolated like hook_embed
+                ds = acts_c[f"DS{l}"] + (k / ig_steps) * (acts_x[f"DS{l}"] - acts_c[f"DS{l}"])
+                hooks.append((f"blocks.{l}.hook_deepstack", lambda x, hook=None, ds=ds: ds.to(x.device, x.dtype)))
             _, g = receiver_gradients(model, clean, metric, embed=e_c + (k / ig_steps) * (e_x - e_c),
                                       fwd_hooks=hooks, image_path=image_path)
             for v in recv:

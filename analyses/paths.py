@@ -69,22 +69,23 @@ class SenderSet:
     vision: set[int] = field(default_factory=set)  # vision blocks (their hook_attn_out and hook_mlp_out)
     projector: bool = False  # projector.hook_out: the image features as placed
     vision_embed: bool = False  # vision.blocks.0.hook_resid_pre: the tower residual's input
+    deepstack: set[int] = field(default_factory=set)  # decoder layers whose hook_deepstack (Qwen3-VL) is sent
 
     @property
     def label(self) -> list[str]:
         return ([f"L{l}H{h}" for l, hs in sorted(self.heads.items()) for h in hs] + [f"MLP{l}" for l in sorted(self.mlps)]
                 + [f"embed_{k}" for k in sorted(self.embed)] + (["V.embed"] if self.vision_embed else [])
                 + [f"V{k}" for k in sorted(self.vision)]
-                + (["projector"] if self.projector else []))
+                + (["projector"] if self.projector else []) + [f"DS{l}" for l in sorted(self.deepstack)])
 
 
-_NODE = re.compile(r"L(\d+)H(\d+)|MLP(\d+)|V(\d+)|embed_(image|text)|projector|V\.embed")
+_NODE = re.compile(r"L(\d+)H(\d+)|MLP(\d+)|V(\d+)|embed_(image|text)|projector|V\.embed|DS(\d+)")
 
 
 def _as_sender_sets(model: "HookedVLM", senders: Any) -> list[SenderSet]:
     """Each sender set: a node or a list of nodes; a node is (layer, head) or a name "L{l}H{h}", "MLP{l}",
     "embed_image", "embed_text", "V.embed" (the vision tower residual's input), "V{k}" (vision block k) or
-    "projector" (the vocabulary of `analyses.edges`)."""
+    "projector" or "DS{l}" (Qwen3-VL: the DeepStack addition after block l) (the vocabulary of `analyses.edges`)."""
     out = []
     n_vision = len(getattr(model.vision, "blocks", ()))
     for s in senders:
@@ -98,9 +99,9 @@ def _as_sender_sets(model: "HookedVLM", senders: Any) -> list[SenderSet]:
             m = _NODE.fullmatch(str(node))
             if m is None:
                 raise ValueError(f"unknown sender {node!r}: expected (layer, head), 'L{{l}}H{{h}}', 'MLP{{l}}', "
-                                 "'embed_image', 'embed_text', 'V.embed' (the vision tower's input), 'V{k}' (vision block) or "
-                                 "'projector'")
-            head_l, head_h, mlp, vis, embed = m.groups()
+                                 "'embed_image', 'embed_text', 'V.embed' (the vision tower's input), 'V{k}' (vision block), "
+                                 "'projector' or 'DS{l}' (a DeepStack addition)")
+            head_l, head_h, mlp, vis, embed, ds = m.groups()
             if head_l is not None:
                 if not (0 <= int(head_l) < model.cfg.n_layers and 0 <= int(head_h) < model.cfg.n_heads):
                     raise ValueError(f"sender {node} is out of range ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads)")
@@ -115,6 +116,11 @@ def _as_sender_sets(model: "HookedVLM", senders: Any) -> list[SenderSet]:
                 sset.vision.add(int(vis))
             elif embed is not None:
                 sset.embed.add(embed)
+            elif ds is not None:
+                if int(ds) not in model.cfg.deepstack_layers:
+                    raise ValueError(f"sender {node}: this model adds DeepStack features after blocks "
+                                     f"{list(model.cfg.deepstack_layers)} only")
+                sset.deepstack.add(int(ds))
             else:
                 if node == "V.embed":
                     sset.vision_embed = True
@@ -176,13 +182,13 @@ def path_patch(
                `vision.blocks.0.hook_resid_pre`), "V{k}" (vision block k's attention and MLP
                outputs; the other vision blocks are frozen at their clean outputs, so the change reaches the
                decoder only through the tower's residual stream and the projector) and "projector" (the image
-               features as placed).
+               features as placed), "DS{l}" (Qwen3-VL: the DeepStack addition after decoder block l).
     receivers: "logits", or a list of (layer, "q"|"k"|"v", head) (k/v: key/value head index), patched together.
     freeze_mlps: freeze MLP outputs at their clean values in step (b) (the IOI protocol freezes heads only;
                True keeps strictly the direct sender -> receiver path).
     sender_positions / receiver_positions: bool [batch, pos] / [pos] / ints where decoder senders take X
-               values / receivers take the step-(b) values (None = every position). Vision and projector
-               senders always change every patch / image token.
+               values / receivers take the step-(b) values (None = every position). Vision, projector and
+               DeepStack senders always change every patch / image token.
     Returns a noising SweepResult: scores [n_sender_sets] (``[.., B]`` per prompt), clean = metric on C,
     corrupt = metric on X; ``result.effect()`` is the path effect (scores - clean).
     """
@@ -203,6 +209,7 @@ def path_patch(
     x_names += ["hook_embed"] if any(s.embed for s in sets) else []
     x_names += ["projector.hook_out"] if any(s.projector for s in sets) else []
     x_names += ["vision.blocks.0.hook_resid_pre"] if any(s.vision_embed for s in sets) else []
+    x_names += [f"blocks.{l}.hook_deepstack" for l in sorted(set().union(*(s.deepstack for s in sets)))]
     clean_v = metric_values(metric, model(**clean))
     corrupt_v = metric_values(metric, model(**corrupt))
     _, vc = run_cached(model, clean, sorted(set(z_names + mlp_names + x_names)), missing="ignore")
@@ -257,9 +264,13 @@ def path_patch(
             for name, on in (("projector.hook_out", sset.projector), ("vision.blocks.0.hook_resid_pre", sset.vision_embed)):
                 if name in vx:
                     edits.append((name, _mix(name, vc[name], vx[name], True if on else None, False)))
+        for l in sorted(sset.deepstack):  # the other DeepStack additions are recomputed (from the clean pixels)
+            if (name := f"blocks.{l}.hook_deepstack") in vx:  # absent: no image, nothing added
+                edits.append((name, _mix(name, vc[name], vx[name], True, False)))
         edits += [(name, _capture(store, name)) for name in recv_names]
-        layers = sorted(sset.heads) + sorted(sset.mlps)
-        start = None if upstream or not layers else (min(layers), sender_first)
+        layers = sorted(sset.heads) + sorted(sset.mlps) + sorted(sset.deepstack)
+        first = 0 if sset.deepstack else sender_first
+        start = None if upstream or not layers else (min(layers), first)
         return Site(edits, start, like={n: tuple(vc[n].shape) for n, _ in edits if n in vc}, label=sset.label)
 
     stores: list[dict[str, Tensor]] = [{} for _ in sets]

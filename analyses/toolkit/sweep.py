@@ -9,7 +9,9 @@ transplants, attention knockouts, spatial edits and path patching are all sites 
 
 Batching: a chunk of n sites runs the target inputs repeated n times (`hooked_vlm.batching.repeat_inputs`,
 copy j = site j) in one forward, or resumes n copies of one saved target run (`hooked_vlm.resume`) at the
-chunk's earliest (layer, position): no vision tower, no earlier layers, no earlier positions.
+chunk's earliest (layer, position): no vision tower, no earlier layers, no earlier positions. A site's position
+inside a bidirectional group (Gemma 3: one image's tokens see each other) moves to the group's first position
+(`hooked_vlm.resume.safe_start`), since earlier tokens of the group read the later ones.
 
 Chunks are planned by a cost model (`plan_chunks`): a chunk costs ``(L - l0) * (n * (S - p0) + overhead)``
 token-layers (l0, p0: its earliest layer and position; `overhead`: the fixed cost of one block call in tokens,
@@ -31,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_vlm.batching import repeat_inputs
-from hooked_vlm.resume import SavedRun, capture, resume
+from hooked_vlm.resume import SavedRun, capture, resume, safe_start
 
 from .hooks import HEAD_FIRST, repeat_axis
 from .metric import Metric, metric_per_slot, metric_values
@@ -183,12 +185,14 @@ def run_sites(
     reruns the whole model for every chunk instead)."""
     batch_size = check_batch_size(batch_size)
     starts = [s.start if reuse_prefix else None for s in sites]
+    saved: SavedRun | None = capture(model, inputs) if any(st is not None for st in starts) else None
+    if saved is not None:  # inside a bidirectional group (Gemma 3's image tokens) resume from the group's start
+        starts = [None if st is None else (st[0], safe_start(saved, st[1])) for st in starts]
     n_layers = len(model.blocks)
     seq_len = int(inputs["input_ids"].shape[1])
     if overhead is None:
         overhead = default_overhead(model.embed.weight.device)
     plan = plan_chunks(starts, batch_size, n_layers, seq_len, overhead)
-    saved: SavedRun | None = capture(model, inputs) if any(st is not None for st, _ in plan) else None
     base = metric_values(metric, saved.logits if saved is not None else model(**inputs))
     values: list[Tensor | None] = [None] * len(sites)
     bar = progress_bar(total=len(sites), desc=desc, progress=progress)

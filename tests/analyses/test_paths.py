@@ -193,3 +193,28 @@ def test_the_whole_tower_as_senders_equals_the_projector(setup):
                      progress=False)
     torch.testing.assert_close(res.scores[0], res.scores[1], rtol=1e-9, atol=1e-9)
     assert res.effect().abs().max() > 1e-4
+
+
+def test_senders_inside_a_bidirectional_image_resume_at_its_start(monkeypatch):
+    """Gemma 3: sender positions inside an image (whose tokens see each other) resume from the image's first token
+    (`safe_start` in the sweep engine) and give the full reruns' values."""
+    import functools
+
+    import analyses.paths as paths
+    from analyses.toolkit import run_sites
+    from tiny import gemma3_inputs, gemma3_processor, tiny_gemma3
+
+    hf = tiny_gemma3()
+    proc = gemma3_processor(hf)
+    model = HookedVLM.from_hf(hf, proc)
+    clean = gemma3_inputs(proc, (1, 2), words=2)  # n - 6 is inside the second image
+    cf = dict(clean, pixel_values=gemma3_inputs(proc, (1, 2), seed=1, words=2)["pixel_values"])
+    metric = LogitDiff(torch.tensor([3, 4]), torch.tensor([5, 6]), clean["attention_mask"])
+    n = clean["input_ids"].shape[1]
+    kw = dict(senders=[[(0, 0)], [(0, 1), (1, 2)], ["MLP0"]], receivers=[(2, "q", 1)], sender_positions=[n - 6],
+              per_prompt=True, progress=False)
+    fast = path_patch(model, clean, cf, metric, **kw)
+    monkeypatch.setattr(paths, "run_sites", functools.partial(run_sites, reuse_prefix=False))
+    slow = path_patch(model, clean, cf, metric, **kw)
+    torch.testing.assert_close(fast.scores, slow.scores, rtol=0, atol=1e-5)
+    assert fast.effect().abs().max() > 1e-4

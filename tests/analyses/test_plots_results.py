@@ -7,7 +7,7 @@ import torch
 
 from analyses import plots
 from analyses.attribution import AttributionResult
-from analyses.patching import PatchResult
+from analyses.toolkit import SweepResult
 from hooked_vlm.positions import TokenLayout
 
 
@@ -20,7 +20,7 @@ def layout(pos=6):
 
 def test_result_objects_are_plotted_by_their_scores():
     scores = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
-    result = PatchResult(scores=scores, clean=torch.tensor(1.0), corrupt=torch.tensor(0.0), direction="denoise")
+    result = SweepResult(scores=scores, clean=torch.tensor(1.0), corrupt=torch.tensor(0.0), direction="denoise")
     direct = plots.plot_layer_position(scores, layout())
     via = plots.plot_layer_position(result, layout())
     np.testing.assert_array_equal(np.asarray(via.data[0].z), np.asarray(direct.data[0].z))

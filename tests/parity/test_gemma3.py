@@ -233,13 +233,15 @@ def test_cache_estimate_bounds_the_gemma_hooks(tiny):
 
 def test_edge_attribution_refuses_post_norm_heads(tiny):
     """Per-head edges assume hook_result is an additive term of the residual stream, which post-norms break."""
-    from analyses.edges import eap, faithfulness, node_activations
+    from analyses.edge_graph import node_activations, valid_edges
+    from analyses.edge_patching import faithfulness
+    from analyses.edges import eap
     from analyses.metrics import LogitDiff
 
     _, proc, model = tiny
     inputs = gemma3_inputs(proc, (2, 1))
     metric = LogitDiff(torch.tensor([3, 4]), torch.tensor([5, 6]), inputs["attention_mask"])
     for call in (lambda: eap(model, inputs, inputs, metric), lambda: faithfulness(model, inputs, inputs, metric, []),
-                 lambda: node_activations(model, inputs)):
+                 lambda: node_activations(model, inputs), lambda: valid_edges(model)):
         with pytest.raises(ValueError, match="post-norms"):
             call()

@@ -247,7 +247,9 @@ def test_edge_attribution_has_deepstack_nodes():
     """analyses.edges: DS{l} nodes make the decoder graph complete (every edge kept = the clean run, none = the
     corrupt one, exactly), the DeepStack edges carry part of an image counterfactual, EAP-IG(1) == EAP, and the
     image-path graph refuses DeepStack models by name."""
-    from analyses.edges import eap, eap_ig, edge_effects, faithfulness, node_names, valid_edges
+    from analyses.edge_graph import node_names, valid_edges
+    from analyses.edge_patching import edge_effects, faithfulness
+    from analyses.edges import eap, eap_ig
     from analyses.metrics import LogitDiff
 
     model = HookedVLM.from_hf(tiny_qwen3_vl()).double()
@@ -283,12 +285,12 @@ def test_path_patching_deepstack_senders(pair):
     clean = qwen_inputs([[(16, 16)], [(16, 8)]], seed=0)
     corrupt = dict(clean, pixel_values=qwen_inputs([[(16, 16)], [(16, 8)]], seed=1)["pixel_values"])
     metric = LogitDiff(torch.tensor([3, 4]), torch.tensor([5, 6]), clean["attention_mask"])
-    res = path_patch(model, clean, corrupt, metric, ["DS0", "DS1", ["DS0", "DS1", "projector"]], [(1, "k", 0)],
-                     progress=False)
+    res = path_patch(model, clean, corrupt, metric, senders=["DS0", "DS1", ["DS0", "DS1", "projector"]],
+                     receivers=[(1, "k", 0)], progress=False)
     effect = res.effect()
     assert effect[1] == 0 and effect[0].abs() > 1e-3 and res.labels["sender"][2] == ["projector", "DS0", "DS1"]
-    same = path_patch(model, clean, clean, metric, ["DS0"], "logits", progress=False)
+    same = path_patch(model, clean, clean, metric, senders=["DS0"], receivers="logits", progress=False)
     assert same.effect().abs().max() <= 1e-6
     with pytest.raises(ValueError, match="DeepStack features after blocks \\[0, 1\\] only"):
-        path_patch(model, clean, corrupt, metric, ["DS2"], "logits", progress=False)
+        path_patch(model, clean, corrupt, metric, senders=["DS2"], receivers="logits", progress=False)
 
