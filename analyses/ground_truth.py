@@ -84,7 +84,7 @@ def swap_items_pairs(n: int, seed: int, query: str = "shape_item", layout: str =
 
 def circuit_methods(model: "HookedVLM", clean: Any, cf: Any) -> dict[str, Callable[[], Tensor]]:
     """The methods compared, each a thunk giving [layer, head] importance (larger = more important) for the
-    (clean, counterfactual) Batches from analyses.tasks.encode."""
+    (clean, counterfactual) Batches from hooked_vlm.analyses.tasks.encode."""
     from . import attribution, heads, patching
     from .metrics import LogitDiff
 

@@ -35,7 +35,7 @@ def subjects(quick: bool, device: str, dtype: torch.dtype) -> dict:
         setup = llava_setup(small)
         hf = setup.hf.to(device=device, dtype=dtype)
         out[f"llava ({'quick' if small else 'full'}): {setup.describe}"] = (hf, setup.make_inputs(None, 1))
-    from analyses.tasks import encode
+    from hooked_vlm.analyses.tasks import encode
     from hooked_vlm.organism import ShapesGenerator, organism_dir
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 

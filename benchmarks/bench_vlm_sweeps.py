@@ -52,10 +52,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from analyses import set_progress
-    from analyses.metrics import LogitDiff
-    from analyses.patching import patch_heads, patch_resid_by_layer_and_position
-    from analyses.toolkit import run_cached
+    from hooked_vlm.analyses import set_progress
+    from hooked_vlm.analyses.metrics import LogitDiff
+    from hooked_vlm.analyses.patching import patch_heads, patch_resid_by_layer_and_position
+    from hooked_vlm.analyses.toolkit import run_cached
     from hooked_vlm import HookedVLM
     from hooked_vlm.resume import capture
 

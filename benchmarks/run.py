@@ -233,8 +233,8 @@ class FamilyBench:
 
     # 3. activation-patching sweep ------------------------------------------------------------------------------
     def section3(self) -> None:
-        from analyses.metrics import LogitDiff
-        from analyses.patching import patch_resid_by_layer_and_position
+        from hooked_vlm.analyses.metrics import LogitDiff
+        from hooked_vlm.analyses.patching import patch_resid_by_layer_and_position
 
         model, hf, inputs, corrupt, L, mid, n = self.model, self.hf, self.inputs, self.corrupt, self.L, self.mid, self.n
         positions = list(range(self.change, n))
@@ -331,8 +331,8 @@ class FamilyBench:
 
     # 4. attribution patching -----------------------------------------------------------------------------------
     def section4(self) -> None:
-        from analyses.attribution import attribution_patching, gradients
-        from analyses.metrics import LogitDiff
+        from hooked_vlm.analyses.attribution import attribution_patching, gradients
+        from hooked_vlm.analyses.metrics import LogitDiff
 
         model, inputs, corrupt, L = self.model, self.inputs, self.corrupt, self.L
         metric = LogitDiff(answer=[11], wrong=[12])

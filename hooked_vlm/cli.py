@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from analyses.demo import check_out_dir, run_demo
+        from hooked_vlm.analyses.demo import check_out_dir, run_demo
 
         try:
             check_out_dir(args.out, args.force)  # before minutes of work, not after
@@ -63,7 +63,7 @@ def _bench_circuits(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from analyses.ground_truth import bench_circuits, rows_to_markdown
+    from hooked_vlm.analyses.ground_truth import bench_circuits, rows_to_markdown
 
     from .organism import load_organism, organism_dir, organism_record, shipped_organisms
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analyses.attention_edits import (reweight_hooks, run_with_edits, steer, steering_hooks, steering_vector,
+from hooked_vlm.analyses.attention_edits import (reweight_hooks, run_with_edits, steer, steering_hooks, steering_vector,
                                       temperature_hooks)
-from analyses.narrow_gate import knockout_hooks, text_after_image
+from hooked_vlm.analyses.narrow_gate import knockout_hooks, text_after_image
 from hooked_vlm import HookedVLM
 from hooked_vlm.batching import repeat_inputs
 from tiny import llava_inputs, tiny_llava

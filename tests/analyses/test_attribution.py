@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analyses.attribution import attribution_patching, plot_attribution
-from analyses.metrics import LogitDiff
-from analyses.patching import patch_heads, patch_resid_by_layer_and_position
+from hooked_vlm.analyses.attribution import attribution_patching, plot_attribution
+from hooked_vlm.analyses.metrics import LogitDiff
+from hooked_vlm.analyses.patching import patch_heads, patch_resid_by_layer_and_position
 from hooked_vlm import HookedVLM
 from hooked_vlm.organism import ORGANISM_DIR
 from tiny import llava_inputs, tiny_llava
@@ -124,7 +124,7 @@ needs_organism = pytest.mark.skipif(not (ORGANISM_DIR / "config.json").exists(),
 def test_organism_retrieval_head_ranks_first():
     """On the Shapes organism (swap_shapes), attribution at the final token puts the planted retrieval head L2H0
     first, as real patching does (the image-lookup head L1H0 saturates: attribution is only first order)."""
-    from analyses.tasks import encode
+    from hooked_vlm.analyses.tasks import encode
     from hooked_vlm.organism import ShapesGenerator
 
     model = HookedVLM.from_pretrained(str(ORGANISM_DIR))
@@ -138,7 +138,7 @@ def test_organism_retrieval_head_ranks_first():
 
 def test_parameters_are_frozen_only_during_the_backward(f64):
     """Gradients flow to activations only (no weight-gradient graph); requires_grad is restored, also on error."""
-    from analyses.attribution import gradients
+    from hooked_vlm.analyses.attribution import gradients
 
     model, clean, corrupt, metric = f64
     seen = []

@@ -4,13 +4,13 @@ import pytest
 import torch
 from tiny import llava_inputs, tiny_llava
 
-from analyses.binding import (binding_deltas, plot_factorizability_grid, plot_position_sweep, delta_positions,
+from hooked_vlm.analyses.binding import (binding_deltas, plot_factorizability_grid, plot_position_sweep, delta_positions,
                               factorizability, mean_intervention, plot_factorizability, plot_mean_intervention,
                               position_swap, random_deltas, read_answers, rerotate_keys, resid_names, rotation,
                               run_with_resid, slot_means, swap_slot)
-from analyses.tasks import (shapes_context, shapes_factorizability, shapes_mean_intervention, shapes_position_swap,
+from hooked_vlm.analyses.tasks import (shapes_context, shapes_factorizability, shapes_mean_intervention, shapes_position_swap,
                             shapes_slots)
-from analyses.toolkit import run_cached
+from hooked_vlm.analyses.toolkit import run_cached
 from hooked_vlm import HookedVLM
 from hooked_vlm.components.rotary import RotaryEmbedding, apply_rotary
 from hooked_vlm.organism import ORGANISM_DIR
@@ -158,7 +158,7 @@ def random_organism():
 
 
 def test_shapes_slots_find_objects_words_and_context(random_organism):
-    from analyses.tasks import encode
+    from hooked_vlm.analyses.tasks import encode
     from hooked_vlm.organism import ShapesGenerator
 
     model = random_organism

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from analyses.demo import run_demo
+from hooked_vlm.analyses.demo import run_demo
 
 
 @pytest.mark.parametrize("organism", ["shapes_llava", "shapes_qwen2_vl", "shapes_qwen3_vl", "shapes_gemma3"])

@@ -9,10 +9,10 @@ import random
 import pytest
 import torch
 
-from analyses.edge_graph import node_activations, node_names, receiver_names, valid_edges, vision_depth
-from analyses.edge_patching import edge_effects, faithfulness, patch_edges, prune
-from analyses.edges import eap, eap_ig
-from analyses.metrics import LogitDiff
+from hooked_vlm.analyses.edge_graph import node_activations, node_names, receiver_names, valid_edges, vision_depth
+from hooked_vlm.analyses.edge_patching import edge_effects, faithfulness, patch_edges, prune
+from hooked_vlm.analyses.edges import eap, eap_ig
+from hooked_vlm.analyses.metrics import LogitDiff
 from hooked_vlm import HookedVLM
 from tiny import llava_inputs, tiny_llava
 

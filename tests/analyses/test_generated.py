@@ -4,9 +4,9 @@ knockout equals the forward-based knockout table's prediction, and the text scor
 import pytest
 import torch
 
-from analyses import generated, narrow_gate
-from analyses.report import Report
-from analyses.tasks import encode
+from hooked_vlm.analyses import generated, narrow_gate
+from hooked_vlm.analyses.report import Report
+from hooked_vlm.analyses.tasks import encode
 from hooked_vlm.organism import ShapesGenerator, load_organism
 
 

@@ -2,7 +2,7 @@
 import torch
 from tiny import llava_inputs, tiny_llava
 
-from analyses.ground_truth import ablate_heads_accuracy, head_ranks, precision_recall_at_k, top_k
+from hooked_vlm.analyses.ground_truth import ablate_heads_accuracy, head_ranks, precision_recall_at_k, top_k
 from hooked_vlm import HookedVLM
 
 
@@ -36,8 +36,8 @@ def test_organisms_planted_heads_recovered_by_patching():
     activation patching per head ranks the image-lookup and retrieval heads in the top 2 on every shipped organism,
     and all three planted heads in its top 5 on the random-position organism (L0H0 is #5 there, #6 with 32 pairs: a
     narrow margin; see docs/ground_truth.md for the full table)."""
-    from analyses.ground_truth import circuit_methods, planted_heads
-    from analyses.tasks import encode
+    from hooked_vlm.analyses.ground_truth import circuit_methods, planted_heads
+    from hooked_vlm.analyses.tasks import encode
     from hooked_vlm.organism import ShapesGenerator, load_organism, organism_record, shipped_organisms
 
     for name in shipped_organisms():

@@ -5,10 +5,10 @@ import pytest
 import torch
 from tiny import llava_inputs, tiny_llava
 
-from analyses.heads import (feature_retrieval_scores, head_scores, id_retrieval_scores, id_selection_scores,
+from hooked_vlm.analyses.heads import (feature_retrieval_scores, head_scores, id_retrieval_scores, id_selection_scores,
                             intervene_heads, mean_head_outputs, plot_head_scores, top_k_heads)
-from analyses.toolkit import act_name, run_cached, transplant_sweep, word_positions
-from analyses.metrics import LogitDiff
+from hooked_vlm.analyses.toolkit import act_name, run_cached, transplant_sweep, word_positions
+from hooked_vlm.analyses.metrics import LogitDiff
 from hooked_vlm import HookedVLM
 from hooked_vlm.organism import ORGANISM_DIR
 
@@ -160,7 +160,7 @@ def test_shapes_described_positions():
     from hooked_vlm.organism import ShapesGenerator
     from hooked_vlm.organism.processing import build_tokenizer
 
-    from analyses.tasks import shapes_described_positions
+    from hooked_vlm.analyses.tasks import shapes_described_positions
 
     tok = build_tokenizer()
     g = ShapesGenerator(0)
@@ -194,7 +194,7 @@ def test_organism_planted_heads_top_the_scores(organism):
     """swap_shapes on shape -> item questions flips the answer; patching single heads' final-token outputs from
     the counterfactual ranks the planted image-lookup (L1H0) and retrieval (L2H0) heads first, and L2H0 alone
     carries most of the logit-difference gap."""
-    from analyses.tasks import encode
+    from hooked_vlm.analyses.tasks import encode
     from hooked_vlm.organism import ShapesGenerator
 
     model = organism
@@ -214,8 +214,8 @@ def test_organism_retrieval_head_carries_the_item(organism):
     """d_t / d_o = mean final-token outputs of the planted retrieval head L2H0 on prompts answered "A" / "B".
     Adding d_t - d_o on new prompts answered "B" makes the model answer "A" (not even in their context);
     the same intervention on the image-lookup head L1H0 does nothing: it does not carry the item."""
-    from analyses.metrics import Accuracy
-    from analyses.tasks import encode
+    from hooked_vlm.analyses.metrics import Accuracy
+    from hooked_vlm.analyses.tasks import encode
     from hooked_vlm.organism import ShapesGenerator
 
     model = organism
@@ -234,9 +234,9 @@ def test_organism_retrieval_head_carries_the_item(organism):
 def test_intervention_protocol_held_out_split_and_identities():
     """alpha * (d_t - d_o) on the top-k heads of a selection split, judged on another split against random heads:
     with identical conditions d_t - d_o = 0 and the intervention is the identity at every alpha."""
-    from analyses.heads import intervention_protocol
-    from analyses.metrics import final_logits
-    from analyses.tasks import encode
+    from hooked_vlm.analyses.heads import intervention_protocol
+    from hooked_vlm.analyses.metrics import final_logits
+    from hooked_vlm.analyses.tasks import encode
     from hooked_vlm.organism import ShapesGenerator, load_organism
 
     model = load_organism("shapes_llava")

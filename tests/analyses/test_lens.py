@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.lens import decode, lens_logit_diff, lens_top_k, logit_lens, plot_lens_image
-from analyses.metrics import LogitDiff
-from analyses.plots import token_grid
+from hooked_vlm.analyses.lens import decode, lens_logit_diff, lens_top_k, logit_lens, plot_lens_image
+from hooked_vlm.analyses.metrics import LogitDiff
+from hooked_vlm.analyses.plots import token_grid
 from hooked_vlm import HookedVLM
 from tiny import llava_inputs, tiny_llava
 

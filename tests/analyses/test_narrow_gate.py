@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analyses.metrics import LogitDiff, final_logits
-from analyses.narrow_gate import (
+from hooked_vlm.analyses.metrics import LogitDiff, final_logits
+from hooked_vlm.analyses.narrow_gate import (
     KNOCKOUT_CONDITIONS,
     key_positions,
     knockout_hooks,
@@ -237,7 +237,7 @@ def test_organism_has_no_narrow_gate():
     """The Shapes organism reads the image directly from the final token (planted L1H0), like LLaVA in the paper:
     knocking out the end-of-image token keeps accuracy, all image tokens drop it to about chance, and steering
     the end-of-image token rarely changes answers."""
-    from analyses.tasks import encode
+    from hooked_vlm.analyses.tasks import encode
     from hooked_vlm.organism import ShapesGenerator
 
     model = HookedVLM.from_pretrained(str(ORGANISM_DIR))

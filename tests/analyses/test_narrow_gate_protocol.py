@@ -7,10 +7,10 @@ import pytest
 import torch
 from tiny import llava_inputs, qwen_inputs, tiny_llava, tiny_qwen_vl
 
-from analyses.metrics import Accuracy, LogitDiff
-from analyses.modality import (cross_modal_attention, modality_separation, neighbourhood_overlap,
+from hooked_vlm.analyses.metrics import Accuracy, LogitDiff
+from hooked_vlm.analyses.modality import (cross_modal_attention, modality_separation, neighbourhood_overlap,
                                overlap_with_labels)
-from analyses.narrow_gate import knockout_protocol, knockout_table, steering_sweep
+from hooked_vlm.analyses.narrow_gate import knockout_protocol, knockout_table, steering_sweep
 from hooked_vlm import HookedVLM
 
 

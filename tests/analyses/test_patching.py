@@ -11,10 +11,10 @@ import contextlib
 import pytest
 import torch
 
-from analyses import plots
-from analyses.metrics import LogitDiff
-from analyses.toolkit import SweepResult
-from analyses.patching import (
+from hooked_vlm.analyses import plots
+from hooked_vlm.analyses.metrics import LogitDiff
+from hooked_vlm.analyses.toolkit import SweepResult
+from hooked_vlm.analyses.patching import (
     patch_by_layer,
     patch_heads,
     patch_resid_by_layer_and_position,
@@ -281,7 +281,7 @@ needs_organism = pytest.mark.skipif(not (ORGANISM_DIR / "config.json").exists(),
 
 @pytest.fixture(scope="module")
 def organism():
-    from analyses.tasks import encode
+    from hooked_vlm.analyses.tasks import encode
     from hooked_vlm.organism import ShapesGenerator
 
     model = HookedVLM.from_pretrained(str(ORGANISM_DIR))
@@ -370,9 +370,9 @@ def test_reuse_prefix_equals_full_reruns(setup, family):
 
 def test_bad_arguments_name_their_cause(setup):
     """Issue 15: empty arguments, a counterfactual of another length and bad sizes are errors that say so."""
-    from analyses.heads import head_scores
-    from analyses.paths import path_patch
-    from analyses.toolkit import transplant_sweep
+    from hooked_vlm.analyses.heads import head_scores
+    from hooked_vlm.analyses.paths import path_patch
+    from hooked_vlm.analyses.toolkit import transplant_sweep
 
     model, clean, _, _, metric = setup
     with pytest.raises(ValueError, match="no sites given"):

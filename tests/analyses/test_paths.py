@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analyses.lens import decode
-from analyses.metrics import LogitDiff
-from analyses.patching import patch_sweep
-from analyses.paths import head_receivers, path_patch, path_patch_heads
+from hooked_vlm.analyses.lens import decode
+from hooked_vlm.analyses.metrics import LogitDiff
+from hooked_vlm.analyses.patching import patch_sweep
+from hooked_vlm.analyses.paths import head_receivers, path_patch, path_patch_heads
 from hooked_vlm import HookedVLM
 from tiny import llava_inputs, tiny_llava
 
@@ -185,7 +185,7 @@ def test_bad_senders_are_named(setup):
 def test_the_whole_tower_as_senders_equals_the_projector(setup):
     """With the tower's input and every running block at their counterfactual values, the tower's output (so the
     projector's) is the counterfactual one: the set ["V.embed", "V0", ...] equals the "projector" sender exactly."""
-    from analyses.edge_graph import vision_depth
+    from hooked_vlm.analyses.edge_graph import vision_depth
 
     model, clean, cf, metric = setup
     tower = ["V.embed"] + [f"V{k}" for k in range(vision_depth(model))]
@@ -200,8 +200,8 @@ def test_senders_inside_a_bidirectional_image_resume_at_its_start(monkeypatch):
     (`safe_start` in the sweep engine) and give the full reruns' values."""
     import functools
 
-    import analyses.paths as paths
-    from analyses.toolkit import run_sites
+    from hooked_vlm.analyses import paths as paths
+    from hooked_vlm.analyses.toolkit import run_sites
     from tiny import gemma3_inputs, gemma3_processor, tiny_gemma3
 
     hf = tiny_gemma3()

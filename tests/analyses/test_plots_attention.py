@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from analyses import plots
+from hooked_vlm.analyses import plots
 from hooked_vlm import HookedVLM
 from hooked_vlm.organism import ORGANISM_DIR, ShapesGenerator
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from analyses import plots
-from analyses.attribution import AttributionResult
-from analyses.toolkit import SweepResult
+from hooked_vlm.analyses import plots
+from hooked_vlm.analyses.attribution import AttributionResult
+from hooked_vlm.analyses.toolkit import SweepResult
 from hooked_vlm.positions import TokenLayout
 
 

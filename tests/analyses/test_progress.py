@@ -1,5 +1,5 @@
 """One switch silences every analysis progress bar; per-call progress=False still works."""
-from analyses import set_progress
+from hooked_vlm.analyses import set_progress
 from hooked_vlm import progress as _progress
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from tiny import llava_inputs, tiny_llava
 
-from analyses.metrics import LogitDiff
-from analyses.spatial import (activations_at, amplification, amplify, as_sequence, fit_probe, last_token_patching,
+from hooked_vlm.analyses.metrics import LogitDiff
+from hooked_vlm.analyses.spatial import (activations_at, amplification, amplify, as_sequence, fit_probe, last_token_patching,
                               plot_amplification, plot_layer_patching, plot_probe_accuracy, plot_strip_swaps,
                               probe_hooks, split_prompts, strip_mask, strip_swap_matrix, swap_strips)
 from hooked_vlm import HookedVLM
@@ -150,7 +150,7 @@ def organism():
 def test_organism_image_lookup_reaches_the_final_token_in_layer_1(organism):
     """swap_shapes flips the answer; patching the final token's residual from the counterfactual flips it only
     from the input of layer 2 on: the image is read into the final token by layer 1 (the planted lookup head)."""
-    from analyses.tasks import encode
+    from hooked_vlm.analyses.tasks import encode
     from hooked_vlm.organism import ShapesGenerator
 
     model = organism
@@ -165,8 +165,8 @@ def test_organism_image_lookup_reaches_the_final_token_in_layer_1(organism):
 def test_organism_probes_read_colour_and_place_from_projector_outputs(organism):
     """Per image token of the projector output: the covering object's colour is linearly decodable (test
     accuracy > 0.95, chance ~0.6 with the background class), and so is which block it lies in."""
-    from analyses.tasks import shapes_token_labels
-    from analyses.tasks import encode
+    from hooked_vlm.analyses.tasks import shapes_token_labels
+    from hooked_vlm.analyses.tasks import encode
     from hooked_vlm.organism import ShapesGenerator
 
     model = organism

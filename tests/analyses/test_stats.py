@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.toolkit.stats import Estimate, _t_quantile, bootstrap, over_seeds, rank_stability, rate
+from hooked_vlm.analyses.toolkit.stats import Estimate, _t_quantile, bootstrap, over_seeds, rank_stability, rate
 
 
 def test_wilson_interval_covers_a_binomial_rate_at_its_nominal_rate():

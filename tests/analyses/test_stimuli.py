@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny import onevision_processor, tiny_llava_onevision
 
-from analyses.stimuli import (BINDING_GRID, COLOURS, binding_id_scenes, colour_reversed, scene_descriptions,
+from hooked_vlm.analyses.stimuli import (BINDING_GRID, COLOURS, binding_id_scenes, colour_reversed, scene_descriptions,
                               short_answers, spatial_scenes, to_inputs)
 from hooked_vlm import HookedVLM
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.metrics import LogitDiff
-from analyses.patching import patch_sweep
-from analyses.toolkit import (act_name, as_positions, check_batch_size, hook_template, metric_values, plan_chunks,
+from hooked_vlm.analyses.metrics import LogitDiff
+from hooked_vlm.analyses.patching import patch_sweep
+from hooked_vlm.analyses.toolkit import (act_name, as_positions, check_batch_size, hook_template, metric_values, plan_chunks,
                               random_count, run_cached, tile)
 from hooked_vlm import HookedVLM
 from tiny import llava_inputs, tiny_llava

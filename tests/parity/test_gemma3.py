@@ -233,10 +233,10 @@ def test_cache_estimate_bounds_the_gemma_hooks(tiny):
 
 def test_edge_attribution_refuses_post_norm_heads(tiny):
     """Per-head edges assume hook_result is an additive term of the residual stream, which post-norms break."""
-    from analyses.edge_graph import node_activations, valid_edges
-    from analyses.edge_patching import faithfulness
-    from analyses.edges import eap
-    from analyses.metrics import LogitDiff
+    from hooked_vlm.analyses.edge_graph import node_activations, valid_edges
+    from hooked_vlm.analyses.edge_patching import faithfulness
+    from hooked_vlm.analyses.edges import eap
+    from hooked_vlm.analyses.metrics import LogitDiff
 
     _, proc, model = tiny
     inputs = gemma3_inputs(proc, (2, 1))

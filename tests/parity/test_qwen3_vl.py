@@ -247,10 +247,10 @@ def test_edge_attribution_has_deepstack_nodes():
     """analyses.edges: DS{l} nodes make the decoder graph complete (every edge kept = the clean run, none = the
     corrupt one, exactly), the DeepStack edges carry part of an image counterfactual, EAP-IG(1) == EAP, and the
     image-path graph refuses DeepStack models by name."""
-    from analyses.edge_graph import node_names, valid_edges
-    from analyses.edge_patching import edge_effects, faithfulness
-    from analyses.edges import eap, eap_ig
-    from analyses.metrics import LogitDiff
+    from hooked_vlm.analyses.edge_graph import node_names, valid_edges
+    from hooked_vlm.analyses.edge_patching import edge_effects, faithfulness
+    from hooked_vlm.analyses.edges import eap, eap_ig
+    from hooked_vlm.analyses.metrics import LogitDiff
 
     model = HookedVLM.from_hf(tiny_qwen3_vl()).double()
     clean = qwen_inputs([[(16, 16)], [(16, 8)]], seed=0)
@@ -278,8 +278,8 @@ def test_edge_attribution_has_deepstack_nodes():
 def test_path_patching_deepstack_senders(pair):
     """analyses.paths: "DS{l}" senders. DS1 is added after block 1, so it has no path into layer-1 receivers (exactly
     0); DS0 reaches L1H0's keys; a counterfactual equal to the clean inputs gives 0; unknown levels raise."""
-    from analyses.metrics import LogitDiff
-    from analyses.paths import path_patch
+    from hooked_vlm.analyses.metrics import LogitDiff
+    from hooked_vlm.analyses.paths import path_patch
 
     _, model = pair
     clean = qwen_inputs([[(16, 16)], [(16, 8)]], seed=0)

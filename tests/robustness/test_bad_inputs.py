@@ -126,7 +126,7 @@ def test_position_sets_outside_sequence(qwen):
         lay._one_per_row(torch.tensor([0, 99]))
     with pytest.raises(ValueError, match="asked for 1000 random image tokens"):
         lay.random_image_tokens(1000)
-    from analyses.toolkit import as_positions
+    from hooked_vlm.analyses.toolkit import as_positions
 
     with pytest.raises(ValueError, match="outside a sequence of length 5"):
         as_positions([7], 5)
@@ -137,7 +137,7 @@ def _metric(logits):
 
 
 def test_patching_rejects_masks_of_other_inputs(llava):
-    from analyses.patching import patch_by_layer
+    from hooked_vlm.analyses.patching import patch_by_layer
 
     model, inputs = llava
     short = {**inputs, "input_ids": inputs["input_ids"][:, :-2], "attention_mask": inputs["attention_mask"][:, :-2]}
@@ -148,7 +148,7 @@ def test_patching_rejects_masks_of_other_inputs(llava):
 
 
 def test_knockout_rejects_masks_of_other_inputs(llava):
-    from analyses.narrow_gate import run_with_knockout
+    from hooked_vlm.analyses.narrow_gate import run_with_knockout
 
     model, inputs = llava
     with pytest.raises(ValueError, match="mask of length 5 .* does not match the sequence length 27"):
@@ -158,8 +158,8 @@ def test_knockout_rejects_masks_of_other_inputs(llava):
 
 def test_analyses_check_a_given_layout(llava):
     """Analyses that take `layout=` check it was built from these inputs (same shape, other tokens included)."""
-    from analyses.spatial import activations_at
-    from analyses.tasks import shapes_slots, shapes_token_labels
+    from hooked_vlm.analyses.spatial import activations_at
+    from hooked_vlm.analyses.tasks import shapes_slots, shapes_token_labels
 
     model, inputs = llava
     other = dict(inputs, input_ids=inputs["input_ids"].clone())

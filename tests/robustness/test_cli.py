@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import analyses.demo as demo
+from hooked_vlm.analyses import demo as demo
 from hooked_vlm.cli import main
 
 

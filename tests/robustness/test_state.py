@@ -53,7 +53,7 @@ def test_exception_in_hook_leaves_no_hooks(setup):
 
 
 def test_exception_in_patching_metric_leaves_no_hooks(setup):
-    from analyses.patching import patch_by_layer
+    from hooked_vlm.analyses.patching import patch_by_layer
 
     model, inputs, base = setup
     calls = []
@@ -90,7 +90,7 @@ def test_exception_in_run_with_cache_leaves_no_hooks(setup):
 
 
 def test_exception_in_knockout_leaves_no_hooks(setup):
-    from analyses.narrow_gate import knockout_table
+    from hooked_vlm.analyses.narrow_gate import knockout_table
 
     model, inputs, base = setup
 
@@ -150,7 +150,7 @@ def test_copies_do_not_share_hooks(setup):
 
 # ------------------------------------------------------------------------------------- module-level state
 def _snapshot():
-    import analyses  # noqa: F401  (analyses modules are covered too, once imported)
+    import hooked_vlm.analyses  # noqa: F401  (analyses modules are covered too, once imported)
 
     out = {}
     for name, mod in list(sys.modules.items()):
@@ -186,7 +186,7 @@ def _same(a, b):
 
 
 def test_forward_mutates_no_module_state(setup):
-    from analyses.patching import patch_by_layer
+    from hooked_vlm.analyses.patching import patch_by_layer
 
     import hooked_vlm.families as fam
 
@@ -244,7 +244,7 @@ def test_cache_guard_estimates_scale_with_pos_squared(setup):
 
 
 def test_sweep_twice_does_not_grow_peak_rss(setup):
-    from analyses.patching import patch_resid_by_layer_and_position
+    from hooked_vlm.analyses.patching import patch_resid_by_layer_and_position
 
     model, inputs, _ = setup
     args = (model, inputs, _corrupt(inputs), _metric)
@@ -258,8 +258,8 @@ def test_sweep_twice_does_not_grow_peak_rss(setup):
 
 # ---------------------------------------------------------------------------------------------- numerics
 def test_seeded_sweeps_are_deterministic(setup):
-    from analyses.narrow_gate import knockout_table
-    from analyses.patching import patch_heads, patch_resid_by_layer_and_position
+    from hooked_vlm.analyses.narrow_gate import knockout_table
+    from hooked_vlm.analyses.patching import patch_heads, patch_resid_by_layer_and_position
 
     model, inputs, _ = setup
     corrupt = _corrupt(inputs)

@@ -143,7 +143,7 @@ def test_decode_hooks_see_one_position(llava):
 
 def test_first_token_under_knockout_equals_forward_knockout(llava):
     """Prefill with `knockout_attention` = a plain forward with the narrow-gate analysis' knockout hooks."""
-    from analyses.narrow_gate import run_with_knockout
+    from hooked_vlm.analyses.narrow_gate import run_with_knockout
 
     model, inputs = llava
     one = {k: v[1:] for k, v in inputs.items()}  # the unpadded prompt (a forward counts pads, generate does not)

@@ -91,7 +91,7 @@ def test_tl_patching_helper_equals_our_sweep(family):
     same tokens, other pixels)."""
     from transformer_lens import patching as tl_patching
 
-    from analyses.patching import patch_resid_by_layer_and_position
+    from hooked_vlm.analyses.patching import patch_resid_by_layer_and_position
 
     model, inputs, _, cache = family
     corrupt = dict(inputs, pixel_values=torch.randn_like(inputs["pixel_values"], generator=torch.Generator().manual_seed(3)))
