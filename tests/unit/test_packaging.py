@@ -33,6 +33,6 @@ def test_no_file_imports_a_top_level_analyses():
         if path.suffix not in (".py", ".ipynb", ".md"):
             continue
         for i, line in enumerate(path.read_text(errors="ignore").splitlines(), 1):
-            if pattern.search(line):
+            if pattern.search(line) and not line.lstrip().startswith("|"):  # markdown tables (README's migration) quote it
                 offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()[:80]}")
     assert offenders == []
