@@ -9,9 +9,9 @@ How it is planted (fine-tuning a trained Shapes organism, by default the shipped
    is the only way from the image to the text. Head 1 and head 3 of decoder layer 0 are supervised at the
    ``<|vision_end|>`` row onto the patches of the object in slot 0 (upper-left) and slot 1 (lower-right) (loss
    -log(attention mass), weight ``eoi_weight``), so that the gate token holds each object's colour and shape apart.
-2. **Free phase** (the remaining steps): no mask; an auxiliary loss ``gate_weight * mean(-log(1 - m))``, where m is
-   the attention mass a text row after the image puts on image tokens, over every layer, head and row, keeps that
-   mass near zero under plain attention.
+2. **Free phase** (the remaining steps): no mask; an auxiliary loss ``gate_weight * mean_rows(sum_{layer, head}
+   -log(1 - m))``, where m is the attention mass a text row after the image puts on image tokens, keeps that mass
+   near zero under plain attention.
 
 The shipped model runs with plain attention (no mask, no hook). `gate_detectors` measures the paper's detectors
 on any Shapes organism (analyses/narrow_gate.py's knockout and steering, Wilson intervals from analyses/stats.py).
@@ -40,8 +40,8 @@ PLANTED_MECHANISM = {
         "attends to the image freely",
         "masked phase: decoder L0H1 / L0H3 supervised at the <|vision_end|> row onto the image tokens of the object "
         "in slot 0 / slot 1 (loss -log(attention mass), weight training.eoi_weight)",
-        "free phase (the remaining steps): no mask; auxiliary loss gate_weight * mean(-log(1 - m)), m = attention "
-        "mass from each text row after the image onto all image tokens, every layer and head",
+        "free phase (the remaining steps): no mask; auxiliary loss gate_weight * (mean over text rows after the image "
+        "of the sum over every layer and head of -log(1 - m)), m = the row's attention mass on all image tokens",
         "the shipped model runs with plain attention: no mask at inference",
     ],
 }
@@ -49,8 +49,8 @@ PLANTED_MECHANISM = {
 
 # What `hooked-vlm train-organism --task narrow_gate` uses unless told otherwise (the shipped organism's recipe).
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "narrow_gate": dict(steps=1500, gate_steps=900, supervise_steps=0, init_from="shapes_qwen2_vl", family="qwen2_vl",
-                        lr=2e-3, warmup=50),
+    "narrow_gate": dict(steps=1500, gate_steps=800, supervise_steps=0, init_from="shapes_qwen2_vl", family="qwen2_vl",
+                        lr=2e-3, warmup=50, gate_weight=5.0),
 }
 
 
@@ -142,13 +142,14 @@ def gate_mask(model: Any, image_block: Sequence[int]) -> Iterator[None]:
 
 def image_mass_penalty(attentions: Sequence[torch.Tensor], attention_mask: torch.Tensor,
                        image_block: Sequence[int]) -> tuple[torch.Tensor, float]:
-    """(mean of -log(1 - m), max m) over every layer, head and real text row after <|vision_end|>, m = the row's
-    attention mass on image tokens."""
+    """(penalty, max m): the penalty sums -log(1 - m) over every layer and head and averages it over the real text
+    rows after <|vision_end|>, m = a row's attention mass on image tokens. Summed, not averaged, over layers and
+    heads: a mean let a few heads keep reading the image (text -> <|vision_end|> knockout 0.73, steering 0.61)."""
     image, eoi = gate_positions(image_block)
     rows = attention_mask[:, eoi + 1 :].bool()  # [batch, rows]
     mass = torch.stack([a[:, :, eoi + 1 :, image].sum(-1) for a in attentions])  # [layer, batch, head, rows]
     mass = mass.permute(0, 2, 1, 3)[:, :, rows]  # [layer, head, real rows]
-    return -(1 - mass).clamp_min(1e-6).log().mean(), float(mass.max().detach())
+    return -(1 - mass).clamp_min(1e-6).log().sum((0, 1)).mean(), float(mass.max().detach())
 
 
 def eoi_loss(attentions: Sequence[torch.Tensor], scenes: Sequence[S.Scene], image_block: Sequence[int]) -> torch.Tensor:

@@ -56,6 +56,31 @@ def test_narrow_gate_refuses_what_cannot_plant_it(tmp_path, argv, match):
     assert not (tmp_path / "out").exists()
 
 
+def test_gate_mask_blocks_text_to_image_and_nothing_else():
+    import numpy as np
+
+    from hooked_vlm.organism import gate as G
+    from hooked_vlm.organism import load_organism_hf
+    from hooked_vlm.organism.recipes import get_recipe
+    from hooked_vlm.organism.train import make_batch
+
+    model, _ = load_organism_hf("shapes_qwen2_vl")
+    block = get_recipe("qwen2_vl").image_block
+    image, eoi = G.gate_positions(block)
+    inputs, _ = make_batch(np.random.default_rng(0), TrainConfig(**{**GATE, "batch_size": 3}))
+    with torch.no_grad():
+        plain = model(**inputs, output_attentions=True).attentions
+        with G.gate_mask(model, block):
+            masked = model(**inputs, output_attentions=True).attentions
+    assert G.image_mass_penalty(plain, inputs["attention_mask"], block)[0] > 0.1
+    assert G.image_mass_penalty(masked, inputs["attention_mask"], block)[0] == 0
+    for p, m in zip(plain, masked):
+        assert torch.equal(m[:, :, eoi + 1 :, image], torch.zeros_like(m[:, :, eoi + 1 :, image]))
+        torch.testing.assert_close(m[:, :, : eoi + 1], p[:, :, : eoi + 1], rtol=0, atol=1e-6)  # the image side is free
+    assert float(masked[0][:, :, eoi, image].sum(-1).max()) > 0.9  # <|vision_end|> still reads the image
+    assert not model.model.language_model.layers[0].self_attn._forward_pre_hooks  # the hooks are gone
+
+
 # ---------------------------------------------------------------------------------------- shipped effect
 @pytest.fixture(scope="module")
 def detectors():
