@@ -166,8 +166,8 @@ def eoi_loss(attentions: Sequence[torch.Tensor], scenes: Sequence[S.Scene], imag
 
 
 def _inputs(model: Any, samples: Sequence[S.Sample]) -> dict[str, Any]:
-    return model.processor(images=[s.image for s in samples], text=[s.prompt for s in samples],
-                           return_tensors="pt", padding=True)
+    return dict(model.processor(images=[s.image for s in samples], text=[s.prompt for s in samples],
+                                return_tensors="pt", padding=True))
 
 
 def _two_item_predictions(logits: torch.Tensor, samples: Sequence[S.Sample], tok: Any) -> list[str]:
@@ -209,7 +209,7 @@ def gate_detectors(model: Any, n: int = 64, seed: int = 60_000, random_seeds: in
         return {"two_item": [p == s.answer for p, s in zip(two, clean)],
                 "full_vocab": [p == s.answer for p, s in zip(full, clean)]}
 
-    def est(hits: Sequence[bool]) -> dict[str, float]:
+    def est(hits: Any) -> dict[str, Any]:
         e = rate(np.asarray(hits, dtype=float))
         return {"value": round(e.value, 4), "ci_low": round(e.ci_low, 4), "ci_high": round(e.ci_high, 4), "n": e.n}
 
@@ -242,7 +242,7 @@ def gate_detectors(model: Any, n: int = 64, seed: int = 60_000, random_seeds: in
     answers = tok.convert_tokens_to_ids([q.answer for q in swapped])
     cands = sorted(set(tok.convert_tokens_to_ids(list(S.ITEMS))))
 
-    def steer(layers: Any) -> dict[str, float]:
+    def steer(layers: Any) -> dict[str, Any]:
         res = steer_end_of_image(model, inputs, src, answers, layers=layers, candidates=cands)
         eligible = (res.base_predictions != torch.tensor(answers)).numpy()
         return est(res.flipped.numpy()[eligible])
