@@ -104,6 +104,21 @@ def measure_saved(processor: Any, path: Any, n: int = 256) -> dict[str, Any]:
     return gate_detectors(HookedVLM.from_pretrained(str(path), processor=processor), n=n)
 
 
+def accuracy_intervals(accuracy: dict[str, Any]) -> dict[str, Any]:
+    """95% Wilson intervals for circuit_report's accuracies ({split: {query: rate}}, n_per_query prompts each)."""
+    from analyses.stats import rate
+
+    n = int(accuracy["n_per_query"])
+    out: dict[str, Any] = {}
+    for split in ("heldout_combinations", "training_distribution"):
+        out[split] = {}
+        for query, value in accuracy[split].items():
+            k = int(round(value * n))
+            e = rate(np.array([1.0] * k + [0.0] * (n - k)))
+            out[split][query] = [round(e.ci_low, 4), round(e.ci_high, 4)]
+    return out
+
+
 def gate_positions(image_block: Sequence[int]) -> tuple[list[int], int]:
     """(image token positions, <|vision_end|> position) in a training sequence ``<bos> image_block ...``."""
     if VEND_ID not in image_block:

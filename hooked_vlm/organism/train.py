@@ -360,6 +360,7 @@ def finish_organism(model, processor, out_dir: Path, cfg: TrainConfig, log: list
         spec["note"] = ("The narrow gate is PLANTED (see planted_mechanism): ground truth for the 2412.06646 "
                         "detectors, not a finding about real VLMs.")
         spec["planted_mechanism"] = G.PLANTED_MECHANISM
+        spec["accuracy"]["wilson_95"] = G.accuracy_intervals(spec["accuracy"])
         spec["narrow_gate_detectors"] = G.measure_saved(processor, out_dir)
     (out_dir / "organism.json").write_text(json.dumps(spec, indent=1))
     (out_dir / "train_log.json").write_text(json.dumps(log, indent=None))
