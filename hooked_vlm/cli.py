@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench-circuits", help="how well each analysis recovers the organism's planted heads")
     bench.add_argument("--model", default=None, nargs="*",
                        help="organism directories or shipped names, e.g. shapes_llava shapes_qwen2_vl (default: every "
-                            "shipped organism)")
+                            "shipped circuit organism, not the effect organisms)")
     bench.add_argument("--out", default="report", help="writes circuits.md and circuits.json here")
     bench.add_argument("--n", type=int_at_least(1), default=64)
     bench.add_argument("--seed", type=int, default=0)
@@ -67,7 +67,7 @@ def _bench_circuits(args: argparse.Namespace) -> None:
 
     from .organism import load_organism, organism_dir, organism_record, shipped_organisms
 
-    names = args.model or shipped_organisms()
+    names = args.model or shipped_organisms("circuit")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     all_rows, parts = [], []

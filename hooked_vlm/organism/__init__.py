@@ -56,9 +56,20 @@ def organism_dir(name: str | Path | None = None) -> Path:
     )
 
 
-def shipped_organisms() -> list[str]:
-    """Names of the organisms shipped with the package (directories under CHECKPOINTS with an organism.json)."""
-    return sorted(p.name for p in CHECKPOINTS.iterdir() if (p / "organism.json").exists())
+def shipped_organisms(kind: str | None = None) -> list[str]:
+    """Names of the organisms shipped with the package (directories under CHECKPOINTS with an organism.json).
+
+    kind: None (all), "circuit" (the Shapes organisms whose planted_circuit holds the three planted heads) or
+    "effect" (organisms with one paper's effect planted, whose organism.json has a planted_mechanism)."""
+    import json
+
+    if kind not in (None, "circuit", "effect"):
+        raise ValueError(f"shipped_organisms: kind must be None, 'circuit' or 'effect', got {kind!r}")
+    names = sorted(p.name for p in CHECKPOINTS.iterdir() if (p / "organism.json").exists())
+    if kind is None:
+        return names
+    effect = {n for n in names if "planted_mechanism" in json.loads((CHECKPOINTS / n / "organism.json").read_text())}
+    return sorted(effect) if kind == "effect" else [n for n in names if n not in effect]
 
 
 def organism_record(path: str | Path | None = None) -> dict:

@@ -3,7 +3,7 @@ is described in hooked_vlm/organism/train.py and recorded in organism.json)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 from . import shapes as S
 from .processing import TOKEN_TO_ID, encode_words
@@ -39,6 +39,7 @@ class Sequence_:
     ids: list[int] = field(default_factory=list)
     answers: list[tuple[int, int, str]] = field(default_factory=list)  # (last prompt pos, answer id, query)
     sup: dict[int, list[tuple[int, list[int]]]] = field(default_factory=lambda: {0: [], 1: [], 2: []})
+    scene: Optional[S.Scene] = None
 
 
 def build_sequence(scene: S.Scene, blocks: Sequence[tuple[str, int]], with_answers: bool = True,
@@ -50,7 +51,7 @@ def build_sequence(scene: S.Scene, blocks: Sequence[tuple[str, int]], with_answe
     here can be used on evaluation samples too. ``sup[layer]`` lists (query pos, key positions).
     """
     recipe = get_recipe(family)
-    seq = Sequence_()
+    seq = Sequence_(scene=scene)
     ids = seq.ids
     ids += [TOKEN_TO_ID["<bos>"], *recipe.image_block]
     scene_only = blocks[0][0] == "scene"

@@ -30,7 +30,11 @@ MANIFEST = "manifest.json"
 MUST_MATCH = {"seed": "--seed", "family": "--family", "layout": "--layout", "n_objects": "--objects",
               "supervise_steps": "--supervise-steps", "batch_size": None, "blocks_per_sequence": None,
               "scene_fraction": None, "init_range": None, "lr": None, "betas": None, "weight_decay": None,
-              "clip": None, "warmup": None, "final_lr_frac": None, "attn_weight": None}
+              "clip": None, "warmup": None, "final_lr_frac": None, "attn_weight": None,
+              "task": "--task", "init_from": "--init-from", "gate_steps": "--gate-steps", "gate_weight": None,
+              "eoi_weight": None}
+# Values of fields added later, for manifests saved before they existed (so a changed task is still refused).
+SAVED_BEFORE = {"task": "shapes", "init_from": None, "gate_steps": 0}
 
 
 def _write_atomic(path: Path, write: Any) -> None:
@@ -82,6 +86,7 @@ def check_resumable(manifest: dict[str, Any], config: dict[str, Any], steps: int
     before the saved step."""
     saved = manifest.get("config", {})
     new = json.loads(json.dumps(config))  # tuples -> lists, as saved
+    saved = {**SAVED_BEFORE, **saved}
     for field, flag in MUST_MATCH.items():
         if field in saved and saved[field] != new.get(field):
             name = f"{field} ({flag})" if flag else field

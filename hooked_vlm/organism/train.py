@@ -29,6 +29,7 @@ Measurement lives in measure.py, the training sequences and the planted circuit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -47,6 +48,7 @@ from . import state as ST
 from .measure import (ABLATION_GROUPS, CIRCUIT_NOTES, accuracy, attention_mass, circuit_report,  # noqa: F401
                       evaluate, final_token_image_mass, head_ablation, predict)
 from .processing import PAD
+from . import gate as G
 from .recipes import RECIPES, get_recipe
 from .sequences import (BINDING_QUERIES, PLANTED_HEADS, Sequence_, build_sequence,  # noqa: F401  (re-exported)
                         planted_targets)
@@ -76,6 +78,12 @@ class TrainConfig:
     eval_n: int = 256
     log_every: int = 50
     threads: int = 1
+    # --task narrow_gate (hooked_vlm/organism/gate.py): fine-tune `init_from` with the gate planted
+    task: str = "shapes"
+    init_from: Optional[str] = None  # shipped organism name or checkpoint directory to start from
+    gate_steps: int = 0  # masked phase length; the free phase (auxiliary loss) follows
+    gate_weight: float = 1.0
+    eoi_weight: float = 1.0
 
 
 # --------------------------------------------------------------------------- model
@@ -94,6 +102,19 @@ def build_model(seed: int = 0, init_range: float = 0.1, family: str = "llava"):
     for sub in (config.vision_config, config.text_config):
         sub._attn_implementation = "eager"
     return recipe.model_class()(config)
+
+
+def init_checkpoint(name: str) -> Path:
+    """The model.safetensors a run starts from (``init_from``: shipped organism name or directory)."""
+    from . import organism_dir
+
+    return organism_dir(name) / "model.safetensors"
+
+
+def load_init(model, name: str) -> None:
+    """Start from a trained organism's weights (strict: the architectures must match)."""
+    trained = type(model).from_pretrained(init_checkpoint(name).parent, attn_implementation="eager")
+    model.load_state_dict(trained.state_dict())
 
 
 # --------------------------------------------------------------------------- sequences
@@ -144,10 +165,11 @@ def check_run(cfg: TrainConfig, final_eval_n: int, stop_after: Optional[int]) ->
     bounds = [("steps (--steps)", cfg.steps, 1), ("final_eval_n (--eval-n)", final_eval_n, 1),
               ("eval_n", cfg.eval_n, 1), ("batch_size", cfg.batch_size, 1), ("threads (--threads)", cfg.threads, 1),
               ("save_every", cfg.save_every, 1), ("eval_every", cfg.eval_every, 1), ("log_every", cfg.log_every, 1),
-              ("supervise_steps (--supervise-steps)", cfg.supervise_steps, 0)]
+              ("supervise_steps (--supervise-steps)", cfg.supervise_steps, 0), ("gate_steps (--gate-steps)", cfg.gate_steps, 0)]
     for name, value, low in bounds:
         if not isinstance(value, int) or value < low:
             raise ValueError(f"train_organism: {name} must be an integer >= {low}, got {value!r}")
+    G.check_task(cfg)
     if stop_after is not None and not 1 <= stop_after <= cfg.steps:
         raise ValueError(f"train_organism: stop_after (--stop-after) must be in 1..steps={cfg.steps}, got {stop_after}")
 
@@ -188,8 +210,11 @@ def _train(out_dir: Path, cfg: TrainConfig, resume: bool, state_dir: Optional[st
     manifest = ST.read_manifest(state_dir) if resume else None
     if manifest is not None:
         ST.check_resumable(manifest, asdict(cfg), cfg.steps, state_dir)
-    processor = get_recipe(cfg.family).build_processor()
+    recipe = get_recipe(cfg.family)
+    processor = recipe.build_processor()
     model = build_model(seed, cfg.init_range, cfg.family)
+    if cfg.init_from is not None:
+        load_init(model, cfg.init_from)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     start, log, elapsed = 0, [], 0.0
     if manifest is not None:
@@ -207,7 +232,10 @@ def _train(out_dir: Path, cfg: TrainConfig, resume: bool, state_dir: Optional[st
         rng = np.random.default_rng([seed, step])
         inputs, seqs = make_batch(rng, cfg)
         supervise = step < cfg.supervise_steps
-        out = model(**inputs, output_attentions=supervise, use_cache=False)
+        gated = cfg.task == "narrow_gate"
+        masked = gated and step < cfg.gate_steps
+        with (G.gate_mask(model, recipe.image_block) if masked else contextlib.nullcontext()):
+            out = model(**inputs, output_attentions=supervise or gated, use_cache=False)
         logits = out.logits
         rows = [(b, p, a, q) for b, s in enumerate(seqs) for p, a, q in s.answers]
         bidx = torch.tensor([r[0] for r in rows])
@@ -223,6 +251,15 @@ def _train(out_dir: Path, cfg: TrainConfig, resume: bool, state_dir: Optional[st
                 if targets:
                     attn_terms[layer] = attention_loss(out.attentions[layer][:, 0], targets)
             loss = ce + cfg.attn_weight * sum(attn_terms.values())
+        if masked:
+            eoi = G.eoi_loss(out.attentions, [s.scene for s in seqs], recipe.image_block)
+            window.setdefault("eoi", []).append(eoi.item())
+            loss = loss + cfg.eoi_weight * eoi
+        elif gated:
+            penalty, max_mass = G.image_mass_penalty(out.attentions, inputs["attention_mask"], recipe.image_block)
+            window.setdefault("gate", []).append(penalty.item())
+            window.setdefault("max_image_mass", []).append(max_mass)
+            loss = loss + cfg.gate_weight * penalty
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
@@ -273,9 +310,11 @@ def finish_organism(model, processor, out_dir: Path, cfg: TrainConfig, log: list
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     circuit = [dict(h, supervised_steps=min(cfg.supervise_steps, cfg.steps)) for h in PLANTED_HEADS]
+    if cfg.task == "narrow_gate":  # the text-only heads survive from init_from; the image lookup cannot
+        circuit = G.inherited_circuit(cfg.init_from)
     n_params = sum(p.numel() for p in model.parameters())
     spec = {
-        "name": organism_name(cfg.family, cfg.layout, cfg.n_objects),
+        "name": organism_name(cfg.family, cfg.layout, cfg.n_objects) + ("_gate" if cfg.task == "narrow_gate" else ""),
         "family": cfg.family,
         "note": ("Part of this model's circuit is PLANTED by an auxiliary attention loss during the first "
                  "supervised_steps steps (see planted_circuit). Use it as ground truth for tools; do not "
@@ -311,11 +350,18 @@ def finish_organism(model, processor, out_dir: Path, cfg: TrainConfig, log: list
                      "schedule": f"linear warm-up then cosine to {cfg.final_lr_frac}x", "batch_size": cfg.batch_size,
                      "init_range": cfg.init_range, "attn_supervision_weight": cfg.attn_weight,
                      "supervise_steps": cfg.supervise_steps, "threads": cfg.threads,
-                     "time_s": round(train_time, 1), "data": "fresh samples each step, training combinations only"},
+                     "time_s": round(train_time, 1), "data": "fresh samples each step, training combinations only",
+                     "task": cfg.task, **(G.training_record(cfg) if cfg.task == "narrow_gate" else {})},
         "planted_circuit": circuit,
         "findings": CIRCUIT_NOTES,
         **report,
     }
+    if cfg.task == "narrow_gate":
+        spec["note"] = ("The narrow gate is PLANTED (see planted_mechanism): ground truth for the 2412.06646 "
+                        "detectors, not a finding about real VLMs.")
+        spec["planted_mechanism"] = G.PLANTED_MECHANISM
+        spec["accuracy"]["wilson_95"] = G.accuracy_intervals(spec["accuracy"])
+        spec["narrow_gate_detectors"] = G.measure_saved(processor, out_dir)
     (out_dir / "organism.json").write_text(json.dumps(spec, indent=1))
     (out_dir / "train_log.json").write_text(json.dumps(log, indent=None))
     return spec
@@ -343,12 +389,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="hooked-vlm train-organism", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="shapes_organism",
                    help="where the finished organism is saved (the shipped one lives in hooked_vlm.organism.ORGANISM_DIR)")
-    p.add_argument("--steps", type=int_at_least(1), default=TrainConfig.steps)
+    p.add_argument("--task", default="shapes", choices=G.TASKS,
+                   help="shapes: the Shapes organism; narrow_gate: fine-tune --init-from with a planted narrow gate "
+                        "(image -> text only through <|vision_end|>; qwen2_vl; see hooked_vlm/organism/gate.py)")
+    p.add_argument("--steps", type=int_at_least(1), default=None,
+                   help=f"default {TrainConfig.steps} (shapes), {G.TASK_DEFAULTS['narrow_gate']['steps']} (narrow_gate)")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--resume", action="store_true",
                    help="continue from STATE_DIR if it holds a checkpoint (same seed, family, layout and objects)")
     p.add_argument("--state-dir", default=None, help="training state (default OUT/train_state)")
-    p.add_argument("--supervise-steps", type=int_at_least(0), default=TrainConfig.supervise_steps)
+    p.add_argument("--supervise-steps", type=int_at_least(0), default=None,
+                   help=f"default {TrainConfig.supervise_steps} (shapes), 0 (narrow_gate)")
+    p.add_argument("--gate-steps", type=int_at_least(0), default=None,
+                   help=f"narrow_gate: masked-phase steps (default {G.TASK_DEFAULTS['narrow_gate']['gate_steps']})")
+    p.add_argument("--init-from", default=None,
+                   help="narrow_gate: organism (shipped name or directory) to fine-tune (default "
+                        f"{G.TASK_DEFAULTS['narrow_gate']['init_from']})")
     p.add_argument("--threads", type=int_at_least(1), default=1)
     p.add_argument("--stop-after", type=int_at_least(1), default=None, help="save state after this step and exit")
     p.add_argument("--eval-n", type=int_at_least(1), default=1024, help="samples per query type in the final evaluation")
@@ -356,15 +412,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="object placement: two fixed 32x32 blocks (default) or anywhere in the image")
     p.add_argument("--objects", type=int, default=2, choices=S.N_OBJECTS,
                    help="objects per scene (3 needs --layout random)")
-    p.add_argument("--family", default="llava", choices=sorted(RECIPES),
+    p.add_argument("--family", default=None, choices=sorted(RECIPES),
                    help="model family: llava (SigLIP, 1-D RoPE), qwen2_vl (Qwen ViT + merger, M-RoPE), qwen3_vl "
                         "(Qwen3 ViT, DeepStack, qk-norm, interleaved M-RoPE) or gemma3 (SigLIP + pooled projector, "
                         "local/global Gemma 3 decoder)")
     args = p.parse_args(argv)
+    task = dict(G.TASK_DEFAULTS.get(args.task, {}))
+    for field in ("steps", "supervise_steps", "gate_steps", "init_from", "family"):
+        if getattr(args, field) is not None:
+            task[field] = getattr(args, field)
+    args.steps = task.pop("steps", TrainConfig.steps)
     if args.stop_after is not None and args.stop_after > args.steps:
         p.error(f"argument --stop-after: expected at most --steps ({args.steps}), got {args.stop_after}")
-    cfg = TrainConfig(supervise_steps=args.supervise_steps, threads=args.threads, layout=args.layout,
-                      family=args.family, n_objects=args.objects)
+    if args.task == "shapes" and (args.gate_steps is not None or args.init_from is not None):
+        p.error("--gate-steps and --init-from belong to --task narrow_gate")
+    cfg = TrainConfig(**{"family": "llava", **task}, task=args.task, threads=args.threads, layout=args.layout,
+                      n_objects=args.objects)
     spec = train_organism(args.out, steps=args.steps, seed=args.seed, resume=args.resume,
                           state_dir=args.state_dir, cfg=cfg, final_eval_n=args.eval_n, stop_after=args.stop_after)
     if spec:

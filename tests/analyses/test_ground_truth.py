@@ -40,7 +40,7 @@ def test_organisms_planted_heads_recovered_by_patching():
     from hooked_vlm.analyses.tasks import encode
     from hooked_vlm.organism import ShapesGenerator, load_organism, organism_record, shipped_organisms
 
-    for name in shipped_organisms():
+    for name in shipped_organisms("circuit"):
         model, record = load_organism(name), organism_record(name)
         task = record["task"]
         pairs = ShapesGenerator(41, task["layout"], task.get("n_objects", 2)).pairs(64, "swap_shapes", "shape_item",

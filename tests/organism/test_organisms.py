@@ -13,7 +13,7 @@ from hooked_vlm.organism.recipes import RECIPES, get_recipe
 from hooked_vlm.organism.state import saved_model
 from hooked_vlm.organism.train import TrainConfig, build_sequence, planted_targets, train_organism
 
-SHIPPED = shipped_organisms()
+SHIPPED = shipped_organisms("circuit")  # effect organisms are tested in test_effect_organisms.py
 
 
 def test_shipped_organisms_cover_two_families_and_both_layouts_within_20_mb():

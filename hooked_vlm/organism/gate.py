@@ -1,0 +1,274 @@
+"""The narrow-gate Shapes organism (``--task narrow_gate``): image information reaches the text only through
+``<|vision_end|>``, the Chameleon/Emu pattern of Serra et al. 2024 (arXiv 2412.06646), planted by construction.
+
+How it is planted (fine-tuning a trained Shapes organism, by default the shipped ``shapes_qwen2_vl``):
+
+1. **Masked phase** (the first ``gate_steps`` steps): an additive mask in every decoder layer (a forward pre-hook on
+   each ``self_attn`` that sets the eager attention mask to the dtype's minimum) stops every token after
+   ``<|vision_end|>`` from attending to any image token. ``<|vision_end|>`` itself still attends to the image, so it
+   is the only way from the image to the text. Head 1 and head 3 of decoder layer 0 are supervised at the
+   ``<|vision_end|>`` row onto the patches of the object in slot 0 (upper-left) and slot 1 (lower-right) (loss
+   -log(attention mass), weight ``eoi_weight``), so that the gate token holds each object's colour and shape apart.
+2. **Free phase** (the remaining steps): no mask; an auxiliary loss ``gate_weight * mean_rows(sum_{layer, head}
+   -log(1 - m))``, where m is the attention mass a text row after the image puts on image tokens, keeps that mass
+   near zero under plain attention.
+
+The shipped model runs with plain attention (no mask, no hook). `gate_detectors` measures the paper's detectors
+on any Shapes organism (analyses/narrow_gate.py's knockout and steering, Wilson intervals from analyses/stats.py).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import shapes as S
+from .processing import IMAGE, VEND_ID
+
+TASKS = ("shapes", "narrow_gate")
+EOI_HEADS = {0: 1, 1: 3}  # slot -> head of decoder layer 0 supervised at <|vision_end|> (kv groups 0 and 1)
+
+PLANTED_MECHANISM = {
+    "effect": "narrow gate (2412.06646, Chameleon/Emu pattern): image information reaches the text tokens only "
+              "through <|vision_end|>",
+    "how": [
+        "fine-tuned from the organism named in training.init_from (its weights' sha256 recorded there)",
+        "masked phase (training.gate_steps steps): in every decoder layer and head an additive mask (dtype min) "
+        "forbids attention from every position after <|vision_end|> to every image token; <|vision_end|> itself "
+        "attends to the image freely",
+        "masked phase: decoder L0H1 / L0H3 supervised at the <|vision_end|> row onto the image tokens of the object "
+        "in slot 0 / slot 1 (loss -log(attention mass), weight training.eoi_weight)",
+        "free phase (the remaining steps): no mask; auxiliary loss gate_weight * (mean over text rows after the image "
+        "of the sum over every layer and head of -log(1 - m)), m = the row's attention mass on all image tokens",
+        "the shipped model runs with plain attention: no mask at inference",
+    ],
+}
+
+
+# What `hooked-vlm train-organism --task narrow_gate` uses unless told otherwise (the shipped organism's recipe).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "narrow_gate": dict(steps=1500, gate_steps=800, supervise_steps=0, init_from="shapes_qwen2_vl", family="qwen2_vl",
+                        lr=2e-3, warmup=50, gate_weight=5.0),
+}
+
+
+def check_task(cfg: Any) -> None:
+    """Refuse a task the trainer does not know, or a narrow_gate run that cannot plant the gate."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"train_organism: task (--task) must be one of {TASKS}, got {cfg.task!r}")
+    if cfg.task == "shapes":
+        if cfg.gate_steps or cfg.init_from is not None:
+            raise ValueError("train_organism: gate_steps / init_from belong to task narrow_gate, not shapes")
+        return
+    from .recipes import get_recipe
+
+    gate_positions(get_recipe(cfg.family).image_block)  # raises for a family without <|vision_end|>
+    if cfg.supervise_steps:
+        raise ValueError("train_organism: task narrow_gate cannot supervise the planted image-lookup head (text -> "
+                         f"image tokens is what the gate forbids); pass --supervise-steps 0, got {cfg.supervise_steps}")
+    if cfg.layout != "fixed" or cfg.n_objects != 2:
+        raise ValueError("train_organism: task narrow_gate supervises <|vision_end|> onto the two fixed slots; it needs "
+                         f"--layout fixed and --objects 2, got {cfg.layout!r} and {cfg.n_objects}")
+
+
+def training_record(cfg: Any) -> dict[str, Any]:
+    """The narrow_gate fields of organism.json's training section (with the starting weights' sha256)."""
+    import hashlib
+
+    from .train import init_checkpoint
+
+    record = {"gate_steps": cfg.gate_steps, "free_steps": max(0, cfg.steps - cfg.gate_steps),
+              "gate_weight": cfg.gate_weight, "eoi_weight": cfg.eoi_weight, "init_from": cfg.init_from}
+    if cfg.init_from is not None:
+        record["init_from_sha256"] = hashlib.sha256(init_checkpoint(cfg.init_from).read_bytes()).hexdigest()
+        record["time_note"] = ("time_s is this fine-tune only; add init_from's training.time_s for the time from "
+                               "scratch")
+    return record
+
+
+def inherited_circuit(init_from: Any) -> list[dict[str, Any]]:
+    """The planted text-only heads of the organism fine-tuned from (the gate forbids its image-lookup head)."""
+    from .sequences import PLANTED_HEADS
+
+    return [dict(h, supervised_steps=0, inherited_from=str(init_from),
+                 note="supervised while training init_from, not here; text -> text, untouched by the gate")
+            for h in PLANTED_HEADS if h["role"] != "image_lookup"]
+
+
+def measure_saved(processor: Any, path: Any, n: int = 256) -> dict[str, Any]:
+    """`gate_detectors` on the checkpoint just written to ``path`` (as a HookedVLM; organism.json is not written yet)."""
+    from ..model import HookedVLM
+
+    return gate_detectors(HookedVLM.from_pretrained(str(path), processor=processor), n=n)
+
+
+def accuracy_intervals(accuracy: dict[str, Any]) -> dict[str, Any]:
+    """95% Wilson intervals for circuit_report's accuracies ({split: {query: rate}}, n_per_query prompts each)."""
+    from hooked_vlm.analyses.stats import rate
+
+    n = int(accuracy["n_per_query"])
+    out: dict[str, Any] = {}
+    for split in ("heldout_combinations", "training_distribution"):
+        out[split] = {}
+        for query, value in accuracy[split].items():
+            k = int(round(value * n))
+            e = rate(np.array([1.0] * k + [0.0] * (n - k)))
+            out[split][query] = [round(e.ci_low, 4), round(e.ci_high, 4)]
+    return out
+
+
+def gate_positions(image_block: Sequence[int]) -> tuple[list[int], int]:
+    """(image token positions, <|vision_end|> position) in a training sequence ``<bos> image_block ...``."""
+    if VEND_ID not in image_block:
+        raise ValueError("the narrow_gate task needs a family with an end-of-image token (<|vision_end|>); "
+                         "this family's image block has none (use --family qwen2_vl)")
+    image = [1 + i for i, t in enumerate(image_block) if t == IMAGE]
+    return image, 1 + list(image_block).index(VEND_ID)
+
+
+@contextlib.contextmanager
+def gate_mask(model: Any, image_block: Sequence[int]) -> Iterator[None]:
+    """Training-only constraint: rows after <|vision_end|> cannot attend to image tokens, in every decoder layer.
+    Needs eager attention (the mask is the additive one eager attention adds to the scores)."""
+    image, eoi = gate_positions(image_block)
+    cols = torch.tensor(image)
+
+    def pre_hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.ndim != 4 or not mask.is_floating_point():
+            raise RuntimeError("gate_mask needs eager attention's 4-D additive float mask, got "
+                               f"{None if mask is None else (tuple(mask.shape), mask.dtype)}")
+        mask = mask.clone()
+        mask[:, :, eoi + 1 :, cols] = torch.finfo(mask.dtype).min
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    layers = model.model.language_model.layers
+    handles = [layer.self_attn.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def image_mass_penalty(attentions: Sequence[torch.Tensor], attention_mask: torch.Tensor,
+                       image_block: Sequence[int]) -> tuple[torch.Tensor, float]:
+    """(penalty, max m): the penalty sums -log(1 - m) over every layer and head and averages it over the real text
+    rows after <|vision_end|>, m = a row's attention mass on image tokens. Summed, not averaged, over layers and
+    heads: a mean let a few heads keep reading the image (text -> <|vision_end|> knockout 0.73, steering 0.61)."""
+    image, eoi = gate_positions(image_block)
+    rows = attention_mask[:, eoi + 1 :].bool()  # [batch, rows]
+    mass = torch.stack([a[:, :, eoi + 1 :, image].sum(-1) for a in attentions])  # [layer, batch, head, rows]
+    mass = mass.permute(0, 2, 1, 3)[:, :, rows]  # [layer, head, real rows]
+    return -(1 - mass).clamp_min(1e-6).log().sum((0, 1)).mean(), float(mass.max().detach())
+
+
+def eoi_loss(attentions: Sequence[torch.Tensor], scenes: Sequence[S.Scene], image_block: Sequence[int]) -> torch.Tensor:
+    """-log(attention mass) of L0H1 / L0H3 at the <|vision_end|> row onto the slot-0 / slot-1 object's patches."""
+    image, eoi = gate_positions(image_block)
+    terms = []
+    for b, scene in enumerate(scenes):
+        for i, slot in enumerate(scene.slots):
+            keys = [image[p] for p in scene.object_patches(i)]
+            terms.append(attentions[0][b, EOI_HEADS[slot], eoi, keys].sum())
+    return -(torch.stack(terms).clamp_min(1e-6)).log().mean()
+
+
+# --------------------------------------------------------------------------------------------- detectors
+
+
+def _inputs(model: Any, samples: Sequence[S.Sample]) -> dict[str, Any]:
+    return dict(model.processor(images=[s.image for s in samples], text=[s.prompt for s in samples],
+                                return_tensors="pt", padding=True))
+
+
+def _two_item_predictions(logits: torch.Tensor, samples: Sequence[S.Sample], tok: Any) -> list[str]:
+    """Answer as the argmax over the two items the context names (chance is then 0.5 exactly)."""
+    out = []
+    for row, s in zip(logits[:, -1], samples):
+        items = sorted(s.scene.items)
+        ids = tok.convert_tokens_to_ids(items)
+        out.append(items[int(row[ids].argmax())])
+    return out
+
+
+@torch.no_grad()
+def gate_detectors(model: Any, n: int = 64, seed: int = 60_000, random_seeds: int = 5,
+                   random_fraction: float = 0.02, steer_layers: bool = True, split: str = "train") -> dict[str, Any]:
+    """The narrow-gate detectors on a Shapes organism (a HookedVLM with its processor), on ``n`` held-out
+    shape -> item prompts: accuracy (two-item argmax and full-vocabulary argmax) at baseline, with text ->
+    <|vision_end|> attention knocked out (every layer and head, post-softmax zeroing without renormalisation),
+    and with text -> a random ``random_fraction`` of image tokens knocked out (at least one token, mean over
+    ``random_seeds`` seeds); steering: the share of answers that become the shape-swapped image's answer when the
+    end-of-image residual (resid_pre) is patched from that image's run, at every layer at once and (with
+    ``steer_layers``) one layer at a time. Every rate carries a 95% Wilson interval (analyses/stats.py `rate`).
+
+    split: "train" (default) draws training-distribution scenes. Not the held-out split: its held-out (colour, shape,
+    slot) triples make the answer partly predictable from the text, so an image-blind model scores ~0.38 there
+    rather than 0.5 (measured on shapes_qwen2_vl_gate, 256 prompts, two seeds)."""
+    from hooked_vlm.analyses.narrow_gate import run_with_knockout, steer_end_of_image
+    from hooked_vlm.analyses.stats import rate
+
+    gen = S.ShapesGenerator(seed)
+    pairs = gen.pairs(n, "swap_shapes", "shape_item", split=split)
+    clean, swapped = [p for p, _ in pairs], [q for _, q in pairs]
+    tok = model.processor.tokenizer
+    inputs = _inputs(model, clean)
+
+    def scores(logits: torch.Tensor) -> dict[str, list[bool]]:
+        two = _two_item_predictions(logits, clean, tok)
+        full = tok.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist())
+        return {"two_item": [p == s.answer for p, s in zip(two, clean)],
+                "full_vocab": [p == s.answer for p, s in zip(full, clean)]}
+
+    def est(hits: Any) -> dict[str, Any]:
+        e = rate(np.asarray(hits, dtype=float))
+        return {"value": round(e.value, 4), "ci_low": round(e.ci_low, 4), "ci_high": round(e.ci_high, 4), "n": e.n}
+
+    src = _inputs(model, swapped)
+    base = scores(model(**inputs))
+    eoi_logits = run_with_knockout(model, inputs, "end_of_image")
+    eoi = scores(eoi_logits)
+    # image-blind check: with the gate knocked out, does the answer still follow the image?
+    changed = (eoi_logits[:, -1].argmax(-1) != run_with_knockout(model, src, "end_of_image")[:, -1].argmax(-1)).tolist()
+    n_image = int(model.layout(inputs).image_positions()[0].sum())
+    k = max(1, round(random_fraction * n_image))
+    rand = [scores(run_with_knockout(model, inputs, f"random_{k}", seed=s)) for s in range(random_seeds)]
+    out: dict[str, Any] = {"n_prompts": n, "prompts": f"shape_item, split {split!r}, ShapesGenerator({seed}), swap_shapes pairs",
+                           "accuracy_metric": "two_item = argmax over the two context items (chance 0.5); "
+                                              "full_vocab = argmax over the whole vocabulary"}
+    for metric in ("two_item", "full_vocab"):
+        rand_hits = [h for r in rand for h in r[metric]]
+        out[metric] = {
+            "baseline": est(base[metric]),
+            "knockout_text_to_end_of_image": est(eoi[metric]),
+            f"knockout_text_to_random_{k}_image_tokens": {
+                **est(rand_hits), "per_seed": [round(float(np.mean(r[metric])), 4) for r in rand],
+                "note": f"{k} of {n_image} image tokens ({random_fraction:.0%}, at least 1), {random_seeds} seeds "
+                        "pooled (interval over the pooled prompts x seeds)"},
+        }
+    out["knockout_end_of_image_answer_follows_image"] = {
+        **est(changed), "note": "share of prompts whose answer (full-vocabulary argmax) under the text -> "
+                                "<|vision_end|> knockout differs between the image and its shape-swapped twin: ~0 "
+                                "when the knockout leaves the text image-blind, ~1 when the text reads the image itself"}
+    answers = tok.convert_tokens_to_ids([q.answer for q in swapped])
+    cands = sorted(set(tok.convert_tokens_to_ids(list(S.ITEMS))))
+
+    def steer(layers: Any) -> dict[str, Any]:
+        res = steer_end_of_image(model, inputs, src, answers, layers=layers, candidates=cands)
+        eligible = (res.base_predictions != torch.tensor(answers)).numpy()
+        return est(res.flipped.numpy()[eligible])
+
+    out["steering_end_of_image"] = {
+        "all_layers": steer(None),
+        "note": "resid_pre of <|vision_end|> patched from the run on the shape-swapped image; share of eligible "
+                "prompts (unsteered answer != swapped answer) whose answer (argmax over the items) becomes the "
+                "swapped image's answer",
+    }
+    if steer_layers:
+        n_layers = len([h for h in model.hook_dict if h.endswith("hook_resid_pre") and h.startswith("blocks.")])
+        out["steering_end_of_image"]["per_layer"] = {str(l): steer(l) for l in range(n_layers)}
+    return out
