@@ -14,7 +14,7 @@ How it is planted (fine-tuning a trained Shapes organism, by default the shipped
    near zero under plain attention.
 
 The shipped model runs with plain attention (no mask, no hook). `gate_detectors` measures the paper's detectors
-on any Shapes organism (analyses/narrow_gate.py's knockout and steering, Wilson intervals from analyses/stats.py).
+on any Shapes organism (analyses/narrow_gate.py's knockout and steering, Wilson intervals from analyses/toolkit/stats.py).
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def measure_saved(processor: Any, path: Any, n: int = 256) -> dict[str, Any]:
 
 def accuracy_intervals(accuracy: dict[str, Any]) -> dict[str, Any]:
     """95% Wilson intervals for circuit_report's accuracies ({split: {query: rate}}, n_per_query prompts each)."""
-    from hooked_vlm.analyses.stats import rate
+    from hooked_vlm.analyses.toolkit.stats import rate
 
     n = int(accuracy["n_per_query"])
     out: dict[str, Any] = {}
@@ -204,13 +204,13 @@ def gate_detectors(model: Any, n: int = 64, seed: int = 60_000, random_seeds: in
     and with text -> a random ``random_fraction`` of image tokens knocked out (at least one token, mean over
     ``random_seeds`` seeds); steering: the share of answers that become the shape-swapped image's answer when the
     end-of-image residual (resid_pre) is patched from that image's run, at every layer at once and (with
-    ``steer_layers``) one layer at a time. Every rate carries a 95% Wilson interval (analyses/stats.py `rate`).
+    ``steer_layers``) one layer at a time. Every rate carries a 95% Wilson interval (analyses/toolkit/stats.py `rate`).
 
     split: "train" (default) draws training-distribution scenes. Not the held-out split: its held-out (colour, shape,
     slot) triples make the answer partly predictable from the text, so an image-blind model scores ~0.38 there
     rather than 0.5 (measured on shapes_qwen2_vl_gate, 256 prompts, two seeds)."""
     from hooked_vlm.analyses.narrow_gate import run_with_knockout, steer_end_of_image
-    from hooked_vlm.analyses.stats import rate
+    from hooked_vlm.analyses.toolkit.stats import rate
 
     gen = S.ShapesGenerator(seed)
     pairs = gen.pairs(n, "swap_shapes", "shape_item", split=split)
