@@ -4,8 +4,8 @@ KV cache equal to recomputing everything, hooks live while generating (and gone 
 act the same in prefill and decode, seeded sampling, stop strings, return_cache."""
 import pytest
 import torch
-from tiny import (llava_inputs, onevision_processor, qwen_inputs, random_image, tiny_llava, tiny_llava_onevision,
-                  tiny_qwen_vl, word_tokenizer)
+from tiny import (gemma3_inputs, gemma3_processor, llava_inputs, onevision_processor, qwen_inputs, random_image,
+                  tiny_gemma3, tiny_llava, tiny_llava_onevision, tiny_qwen3_vl, tiny_qwen_vl, word_tokenizer)
 
 from hooked_vlm import HookedVLM
 from hooked_vlm.generation import current_step, knockout_attention, steer
@@ -49,7 +49,20 @@ CASES = {
     "qwen2_vl": (lambda: tiny_qwen_vl("qwen2_vl"), lambda hf: qwen_inputs([[(16, 24)], [(32, 24), (8, 16)]])),
     "qwen2_5_vl": (lambda: tiny_qwen_vl("qwen2_5_vl"), lambda hf: qwen_inputs([[(16, 24)], [(32, 24), (8, 16)]])),
     "qwen2_vl_text_only": (lambda: tiny_qwen_vl("qwen2_vl"), qwen_text_only),
+    # DeepStack additions at the prompt's image positions; decode steps are text
+    "qwen3_vl": (lambda: tiny_qwen3_vl(), lambda hf: qwen_inputs([[(16, 24)], [(32, 24), (8, 16)]])),
+    # embedding scale, local / global rotaries and windows, bidirectional image blocks in the prefill
+    "gemma3": (lambda: _varied_gemma3(), lambda hf: gemma3_inputs(gemma3_processor(hf), (2, 1))),
 }
+
+
+def _varied_gemma3():
+    """tiny_gemma3 with its token embeddings scaled down: Gemma multiplies them by sqrt(d_model), which on the tiny
+    random model makes greedy decoding repeat the last token (a test that could not tell a wrong cache apart)."""
+    hf = tiny_gemma3()
+    with torch.no_grad():
+        hf.model.language_model.embed_tokens.weight.mul_(0.15)
+    return hf
 
 
 @pytest.fixture(scope="module", params=list(CASES))
