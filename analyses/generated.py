@@ -20,7 +20,7 @@ from torch import Tensor
 
 from hooked_vlm.generation import knockout_attention, steer
 
-from .narrow_gate import KNOCKOUT_CONDITIONS, key_positions
+from .narrow_gate import KNOCKOUT_CONDITIONS, key_positions, random_key_count
 
 
 def new_texts(model: Any, tokens: Tensor, n_prompt: int) -> list[str]:
@@ -128,8 +128,7 @@ def generated_section(model: Any, report: Any, n: int, seed: int, scene_layout: 
     n = min(n, 32)
     samples = ShapesGenerator(seed + 41, scene_layout).samples(n, "shape_item", split="heldout")
     batch = encode(model.processor, samples)
-    n_img = int(model.layout(batch.inputs).is_image[0].sum())
-    k = min(10, max(1, n_img // 2))
+    k = random_key_count(model.layout(batch.inputs), 0.02)  # the paper's ~2% of the image tokens
     conditions = {"end-of-image token": "end_of_image", "last image token": "last_image_token",
                   f"{k} random image tokens": f"random_{k}", "all image tokens": "all_image"}
     answers = generate_under_knockout(model, batch.inputs, conditions, max_new_tokens=3, seed=seed)
