@@ -30,6 +30,8 @@ from torch import Tensor
 from .toolkit import (Estimate, Metric, Site, as_positions, bootstrap, first_position, hook_template, over_seeds,
                       random_count, rate, resolve_layers, run_cached, run_sites, tile)
 
+from hooked_vlm.components.attention import knock_out
+
 if TYPE_CHECKING:
     from hooked_vlm import HookedVLM
 from .metrics import final_logits
@@ -109,13 +111,7 @@ def knockout_hooks(
         kk = k.repeat(b // k.shape[0], 1) if k.shape[0] != b else k
         if qq.shape[0] != b or kk.shape[0] != b:
             raise ValueError(f"knockout masks for batch {q.shape[0]}/{k.shape[0]} do not fit a run of batch {b}")
-        m = qq[:, None, :, None] & kk[:, None, None, :]
-        if head_list is not None:
-            hm = torch.zeros(n_heads, dtype=torch.bool)
-            hm[head_list] = True
-            m = m & hm[None, :, None, None]
-        fill = torch.finfo(pattern.dtype).min if renormalize else 0.0
-        return pattern.masked_fill(m.to(pattern.device), fill)
+        return knock_out(pattern, qq, kk, head_list, renormalize)
 
     return [(template.format(layer=layer), fn) for layer in layer_ids]
 
@@ -152,14 +148,7 @@ def run_with_knockout(
 def _knockout_edit(q: Tensor, k: Tensor, head_list: list[int] | None, renormalize: bool):
     """Sweep-engine edit of one copy's pattern (or scores) [batch, head, query, key]: queries q x keys k."""
     def fn(pattern: Tensor, first: int) -> Tensor:
-        qq = q[:, first:] if first else q
-        m = qq[:, None, :, None] & k[:, None, None, :]
-        if head_list is not None:
-            hm = torch.zeros(pattern.shape[1], dtype=torch.bool)
-            hm[head_list] = True
-            m = m & hm[None, :, None, None]
-        fill = torch.finfo(pattern.dtype).min if renormalize else 0.0
-        return pattern.masked_fill(m.to(pattern.device), fill)
+        return knock_out(pattern, q[:, first:] if first else q, k, head_list, renormalize)
 
     return fn
 

@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from .components.attention import knock_out
 from .progress import progress_bar
 
 # per-token image kwargs ([batch, pos], e.g. Qwen's mm_token_type_ids) are extended with this for generated tokens
@@ -167,13 +168,7 @@ def knockout_attention(
             q, k = q.expand(b, -1) if q.shape[0] == 1 else q, k.expand(b, -1) if k.shape[0] == 1 else k
             if q.shape[0] != b or k.shape[0] != b:
                 raise ValueError(f"knockout masks for batch {q.shape[0]}/{k.shape[0]} do not fit a run of batch {b}")
-        m = q[:, None, :, None] & k[:, None, None, :]
-        if head_list is not None:
-            hm = torch.zeros(n_heads, dtype=torch.bool)
-            hm[head_list] = True
-            m = m & hm[None, :, None, None]
-        fill = torch.finfo(pattern.dtype).min if renormalize else 0.0
-        return pattern.masked_fill(m.to(pattern.device), fill)
+        return knock_out(pattern, q, k, head_list, renormalize)
 
     return [(_layer_names(kind, layers), fn)]
 

@@ -41,6 +41,20 @@ def apply_window(mask: Tensor | None, n_query: int, n_key: int, window: int, dty
     return mask.masked_fill(outside, torch.finfo(dtype).min)
 
 
+def knock_out(pattern: Tensor, queries: Tensor, keys: Tensor, heads: list[int] | None = None,
+              renormalize: bool = False) -> Tensor:
+    """pattern [batch, head, query, key] with the weights from `queries` [batch, query] to `keys` [batch, key]
+    (bool) zeroed (post-softmax, no renormalisation), in `heads` (None: all); with renormalize=True the tensor is the
+    scores and gets the dtype's minimum instead, so the softmax renormalises over the remaining keys. The narrow-gate
+    knockout of the analyses and of generation both edit through here."""
+    m = queries[:, None, :, None] & keys[:, None, None, :]
+    if heads is not None:
+        hm = torch.zeros(pattern.shape[1], dtype=torch.bool, device=m.device)
+        hm[heads] = True
+        m = m & hm[None, :, None, None]
+    return pattern.masked_fill(m.to(pattern.device), torch.finfo(pattern.dtype).min if renormalize else 0.0)
+
+
 class Segments:
     """Block-diagonal attention given by segment lengths along the position axis (HF's `cu_seqlens`): each
     position attends only within its own segment. The fused path runs attention per segment (segments of equal

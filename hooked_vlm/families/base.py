@@ -195,8 +195,14 @@ class KeyMapper:
         return self.out
 
 
-def map_decoder(km: KeyMapper, cfg: HookedVLMConfig, prefix: str, lm_head: str) -> None:
-    """Llama / Qwen2 decoders share HF key names: embed_tokens, layers.{l}.self_attn/mlp, norm."""
+LLAMA_NORMS = (("ln1", "input_layernorm"), ("ln2", "post_attention_layernorm"))
+
+
+def map_decoder(km: KeyMapper, cfg: HookedVLMConfig, prefix: str, lm_head: str,
+                norms: tuple[tuple[str, str], ...] = LLAMA_NORMS) -> None:
+    """Llama / Qwen2 / Gemma decoders share HF key names: embed_tokens, layers.{l}.self_attn/mlp, norm; `norms`
+    maps each block's norms (ours, HF's) (Gemma 3 adds post-norms and qk-norms). The unembedding is lm_head, or the
+    embedding where they are tied."""
     km.map("embed.weight", f"{prefix}.embed_tokens.weight")
     for l in range(cfg.n_layers):
         p, o = f"{prefix}.layers.{l}", f"blocks.{l}"
@@ -205,8 +211,8 @@ def map_decoder(km: KeyMapper, cfg: HookedVLMConfig, prefix: str, lm_head: str) 
         km.linear(f"{o}.mlp.gate", f"{p}.mlp.gate_proj")
         km.linear(f"{o}.mlp.up", f"{p}.mlp.up_proj")
         km.linear(f"{o}.mlp.down", f"{p}.mlp.down_proj")
-        km.norm(f"{o}.ln1", f"{p}.input_layernorm")
-        km.norm(f"{o}.ln2", f"{p}.post_attention_layernorm")
+        for ours, theirs in norms:
+            km.norm(f"{o}.{ours}", f"{p}.{theirs}")
     km.norm("ln_final", f"{prefix}.norm")
     km.map("unembed.weight", lm_head if km.has(lm_head) else f"{prefix}.embed_tokens.weight")
 

@@ -43,7 +43,7 @@ from ..projector import PooledProjector
 from ..vision import ViTTower
 from . import register
 from .backbones import SIGLIP_VISION
-from .base import Accept, Family, FieldRules, ImageCoords, KeyMapper, hf_rotary, layer_windows, only
+from .base import Accept, Family, FieldRules, ImageCoords, KeyMapper, hf_rotary, layer_windows, map_decoder, only
 from .llava import map_vit
 
 STATIC_ROPE = ("default", "linear", "yarn", "llama3")  # inv_freq fixed: copied from HF per layer type
@@ -195,22 +195,10 @@ class Gemma3(Family):
         km.norm("vision.ln_post", "model.vision_tower.post_layernorm")
         km.norm("projector.norm", "model.multi_modal_projector.mm_soft_emb_norm")
         km.map("projector.W", "model.multi_modal_projector.mm_input_projection_weight")
-        prefix = "model.language_model"
-        km.map("embed.weight", f"{prefix}.embed_tokens.weight")
-        norms = (("ln1", "input_layernorm"), ("ln1_post", "post_attention_layernorm"),
-                 ("ln2", "pre_feedforward_layernorm"), ("ln2_post", "post_feedforward_layernorm"),
-                 ("attn.q_norm", "self_attn.q_norm"), ("attn.k_norm", "self_attn.k_norm"))
-        for l in range(cfg.n_layers):
-            p, o = f"{prefix}.layers.{l}", f"blocks.{l}"
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                km.linear(f"{o}.attn.{proj}", f"{p}.self_attn.{proj}")
-            km.linear(f"{o}.mlp.gate", f"{p}.mlp.gate_proj")
-            km.linear(f"{o}.mlp.up", f"{p}.mlp.up_proj")
-            km.linear(f"{o}.mlp.down", f"{p}.mlp.down_proj")
-            for ours, theirs in norms:
-                km.norm(f"{o}.{ours}", f"{p}.{theirs}")
-        km.norm("ln_final", f"{prefix}.norm")
-        km.map("unembed.weight", "lm_head.weight" if km.has("lm_head.weight") else f"{prefix}.embed_tokens.weight")
+        map_decoder(km, cfg, "model.language_model", "lm_head.weight", norms=(
+            ("ln1", "input_layernorm"), ("ln1_post", "post_attention_layernorm"), ("ln2", "pre_feedforward_layernorm"),
+            ("ln2_post", "post_feedforward_layernorm"), ("attn.q_norm", "self_attn.q_norm"),
+            ("attn.k_norm", "self_attn.k_norm")))
         return km.finish()
 
 

@@ -215,12 +215,11 @@ class Qwen2VL(Family):
         km.linear(f"{ours}.fc_in", f"{hf}.fc1")
         km.linear(f"{ours}.fc_out", f"{hf}.fc2")
 
-    def convert_state_dict(self, hf_sd: dict[str, Tensor], cfg: HookedVLMConfig) -> dict[str, Tensor]:
-        km = KeyMapper(hf_sd, self.ignored_keys)
-        v = cfg.vision
-        km.put("vision.patch_embed.weight", km.take("model.visual.patch_embed.proj.weight").reshape(v.d_model, -1))
-        for i in range(v.n_layers):
-            p, o = f"model.visual.blocks.{i}", f"vision.blocks.{i}"
+    def map_vision_blocks(self, km: KeyMapper, n_layers: int, visual: str) -> None:
+        """The Qwen ViT blocks (fused qkv split into q / k / v; the MLP by `map_vision_mlp`), shared by the Qwen
+        families."""
+        for i in range(n_layers):
+            p, o = f"{visual}.blocks.{i}", f"vision.blocks.{i}"
             for kind in ("weight", "bias"):
                 q, k, val = km.take(f"{p}.attn.qkv.{kind}").chunk(3, dim=0)
                 km.put(f"{o}.attn.q_proj.{kind}", q)
@@ -230,6 +229,12 @@ class Qwen2VL(Family):
             km.norm(f"{o}.ln1", f"{p}.norm1")
             km.norm(f"{o}.ln2", f"{p}.norm2")
             self.map_vision_mlp(km, f"{o}.mlp", f"{p}.mlp")
+
+    def convert_state_dict(self, hf_sd: dict[str, Tensor], cfg: HookedVLMConfig) -> dict[str, Tensor]:
+        km = KeyMapper(hf_sd, self.ignored_keys)
+        v = cfg.vision
+        km.put("vision.patch_embed.weight", km.take("model.visual.patch_embed.proj.weight").reshape(v.d_model, -1))
+        self.map_vision_blocks(km, v.n_layers, "model.visual")
         km.norm("projector.ln_q", "model.visual.merger.ln_q")
         km.linear("projector.fc_in", "model.visual.merger.mlp.0")
         km.linear("projector.fc_out", "model.visual.merger.mlp.2")

@@ -29,7 +29,7 @@ from ..config import HookedVLMConfig, VisionCfg
 from ..vision.qwen3_vit import Qwen3Projector, Qwen3ViTTower
 from . import register
 from .backbones import DECODER_IGNORED, DECODER_IMPLEMENTED
-from .base import Accept, FieldRules, KeyMapper, decoder_fields, map_decoder
+from .base import LLAMA_NORMS, Accept, FieldRules, KeyMapper, decoder_fields, map_decoder
 from .qwen2_vl import QWEN_VIT_IMPLEMENTED, QWEN_VL_TOP, Qwen2VL
 
 
@@ -112,34 +112,25 @@ class Qwen3VL(Qwen2VL):
         extra = {j: merger(h) for j, (merger, h) in enumerate(zip(model.projector.deepstack, levels))}
         return model.projector(hidden), extra
 
+    def map_vision_mlp(self, km: KeyMapper, ours: str, hf: str) -> None:
+        km.linear(f"{ours}.fc_in", f"{hf}.linear_fc1")
+        km.linear(f"{ours}.fc_out", f"{hf}.linear_fc2")
+
     def convert_state_dict(self, hf_sd: dict[str, Tensor], cfg: HookedVLMConfig) -> dict[str, Tensor]:
         km = KeyMapper(hf_sd, self.ignored_keys)
         v, vis = cfg.vision, "model.visual"
         km.put("vision.patch_embed.weight", km.take(f"{vis}.patch_embed.proj.weight").reshape(v.d_model, -1))
         km.map("vision.patch_embed.bias", f"{vis}.patch_embed.proj.bias")
         km.map("vision.pos_embed", f"{vis}.pos_embed.weight")
-        for i in range(v.n_layers):
-            p, o = f"{vis}.blocks.{i}", f"vision.blocks.{i}"
-            for kind in ("weight", "bias"):
-                q, k, val = km.take(f"{p}.attn.qkv.{kind}").chunk(3, dim=0)
-                km.put(f"{o}.attn.q_proj.{kind}", q)
-                km.put(f"{o}.attn.k_proj.{kind}", k)
-                km.put(f"{o}.attn.v_proj.{kind}", val)
-            km.linear(f"{o}.attn.o_proj", f"{p}.attn.proj")
-            km.norm(f"{o}.ln1", f"{p}.norm1")
-            km.norm(f"{o}.ln2", f"{p}.norm2")
-            km.linear(f"{o}.mlp.fc_in", f"{p}.mlp.linear_fc1")
-            km.linear(f"{o}.mlp.fc_out", f"{p}.mlp.linear_fc2")
+        self.map_vision_blocks(km, v.n_layers, vis)
         mergers = [("projector", f"{vis}.merger")]
         mergers += [(f"projector.deepstack.{j}", f"{vis}.deepstack_merger_list.{j}") for j in range(len(cfg.deepstack_layers))]
         for ours, hf in mergers:
             km.norm(f"{ours}.ln_q", f"{hf}.norm")
             km.linear(f"{ours}.fc_in", f"{hf}.linear_fc1")
             km.linear(f"{ours}.fc_out", f"{hf}.linear_fc2")
-        map_decoder(km, cfg, "model.language_model", "lm_head.weight")
-        for l in range(cfg.n_layers):
-            for norm in ("q_norm", "k_norm"):
-                km.norm(f"blocks.{l}.attn.{norm}", f"model.language_model.layers.{l}.self_attn.{norm}")
+        map_decoder(km, cfg, "model.language_model", "lm_head.weight",
+                    norms=LLAMA_NORMS + (("attn.q_norm", "self_attn.q_norm"), ("attn.k_norm", "self_attn.k_norm")))
         return km.finish()
 
 
