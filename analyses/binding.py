@@ -169,9 +169,14 @@ def rerotate_keys(
     metric: Metric | None = None,
     layers: Sequence[int] | None = None,
     position_ids: Tensor | None = None,
+    freeze: Bool[Tensor, "batch pos"] | None = None,
 ) -> Tensor:
     """Run with the keys (after RoPE, `blocks.{l}.attn.hook_rot_k`) at each slot rotated by an extra delta
-    positions: shifts = [(mask, delta), ...] (see `delta_positions`). Returns logits or metric(logits)."""
+    positions: shifts = [(mask, delta), ...] (see `delta_positions`). Returns logits or metric(logits).
+
+    freeze: the context (2505.22200's protocol): these positions, less the moved slots, keep their clean residual
+    stream (`resid_pre`) at every layer, so the re-rotation reaches the answer only through the slots themselves
+    and not through context tokens that read them."""
     if position_ids is None:
         position_ids = inputs.get("position_ids")
     if position_ids is None:
@@ -190,7 +195,17 @@ def rerotate_keys(
         cos, sin = rot[id(rotary), k.dtype, k.device]
         return torch.where(moved.to(k.device)[..., None, None], apply_rotary(k, cos, sin), k)
 
-    with model.hooks(fwd_hooks=[(act_name("rot_k", l), hook) for l in layers]):
+    hooks = [(act_name("rot_k", l), hook) for l in layers]
+    if freeze is not None:
+        keep = freeze.bool().cpu() & ~moved
+        names = [act_name("resid_pre", l) for l in range(model.cfg.n_layers)]
+        _, clean = run_cached(model, inputs, names)
+
+        def hold(x: Tensor, hook: Any) -> Tensor:
+            return torch.where(keep.to(x.device)[..., None], clean[hook.name].to(x.device, x.dtype), x)
+
+        hooks += [(name, hold) for name in names]
+    with model.hooks(fwd_hooks=hooks):
         logits = model(**inputs)
     return logits if metric is None else metric(logits)
 
@@ -211,13 +226,15 @@ def position_swap(
     slot_b: Bool[Tensor, "batch pos"],
     fractions: Sequence[float | int] = (0.0, 0.25, 0.5, 0.75, 1.0),
     metric: Metric | None = None,
+    freeze: Bool[Tensor, "batch pos"] | None = None,
 ) -> list[Tensor]:
     """Move slot a toward slot b's position and b toward a's by fraction f of the distance between their first
-    tokens (f = 1: positions swapped), by key re-rotation at every layer. One result per fraction."""
+    tokens (f = 1: positions swapped), by key re-rotation at every layer. One result per fraction. `freeze`: the
+    context held at its clean residuals at every layer (the paper's protocol; see `rerotate_keys`)."""
     pos = model.layout(inputs).position_ids
     dist = _first_position_ids(pos, slot_b) - _first_position_ids(pos, slot_a)
-    return [rerotate_keys(model, inputs, [(slot_a, f * dist), (slot_b, -f * dist)], metric, position_ids=pos)
-            for f in fractions]
+    return [rerotate_keys(model, inputs, [(slot_a, f * dist), (slot_b, -f * dist)], metric, position_ids=pos,
+                          freeze=freeze) for f in fractions]
 
 
 # ------------------------------------------------------------------------------------- mean interventions

@@ -223,9 +223,10 @@ def binding_section(model: HookedVLM, report: Report, n: int, seed: int) -> dict
                "context frozen; rows ask about objects O0, O1, O'0, O'1, columns give the answer chosen. Mean "
                "interventions add Delta = mean(slot 1) - mean(slot 0) to slot 0 and subtract it from slot 1 at every "
                "layer; 'swapped' = fraction of answers that move to the other item, with a same-norm random Delta as "
-               "control. What this measured: the pooled-mean Delta (one vector per slot, from unpaired prompts) does not "
+               "control; the rest of the context is frozen at its clean residuals, as in the paper. What this measured: "
+               "the pooled-mean Delta (one vector per slot, from unpaired prompts) does not "
                "swap bindings at 1x on this organism, no more often than its random control; the paper's paired, "
-               "per-token Delta with a frozen context is not yet implemented here (issue 17), so this is not evidence "
+               "per-token Delta is not yet implemented here (issue 17), so this is not evidence "
                "that the organism lacks binding IDs.",
                fig=binding.plot_factorizability_grid(matrices, row_labels, col_labels), rows=rows)
     return dict(factorizability={k: v for k, v in matrices.items()}, rows=row_labels, cols=col_labels, mean_intervention=mean)

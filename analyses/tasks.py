@@ -200,12 +200,14 @@ def _shape_prompts(model: "HookedVLM", scenes: Sequence[Any], objs: Sequence[int
 @torch.no_grad()
 def shapes_mean_intervention(
     model: "HookedVLM", kinds: Sequence[str] = ("object", "colour", "item"), n_fit: int = 64, n_eval: int = 32,
-    seed: int = 0, order: str = "mention", frozen_context: bool = False, control_seed: int = 0,
+    seed: int = 0, order: str = "mention", frozen_context: bool = True, control_seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Mean interventions on Shapes: Delta_kind = mean(slot 1) - mean(slot 0) per layer over n_fit prompts; on
     n_eval other prompts asking about the slot-0 object (answer I0), slot 0 += Delta and slot 1 -= Delta at
-    every layer. Returns {kind: {"swapped": fraction answering I1, "kept": fraction answering I0,
-    "random_swapped": the same with a same-norm random Delta}} plus "none" (no intervention)."""
+    every layer, with the context (image and context sentences) held at its clean residuals (`frozen_context`, the
+    paper's protocol). Returns {kind: {"swapped": fraction answering I1, "kept": fraction answering I0,
+    "random_swapped": the same with a same-norm random Delta}} plus "none" (no intervention). Still pooled: one
+    Delta per layer from unpaired prompts, not the paper's paired per-token estimator."""
     from hooked_vlm.organism import ShapesGenerator
 
     gen = ShapesGenerator(seed)
@@ -235,11 +237,13 @@ def shapes_mean_intervention(
 @torch.no_grad()
 def shapes_position_swap(
     model: "HookedVLM", kind: str = "object", n: int = 32, seed: int = 0,
-    fractions: Sequence[float | int] = (0.0, 0.25, 0.5, 0.75, 1.0), order: str = "mention",
+    fractions: Sequence[float | int] = (0.0, 0.25, 0.5, 0.75, 1.0), order: str = "mention", frozen_context: bool = True,
 ) -> dict[str, list[float]]:
     """Position independence on Shapes: the keys of slot 0 and slot 1 (`kind`) re-rotated toward each other's
-    positions by each fraction, at every layer; questions about the slot-0 object. Returns the fraction of
-    answers that stay I0 ("kept") and that become I1 ("swapped"), per fraction."""
+    positions by each fraction, at every layer, the context frozen at its clean residuals (`frozen_context`, the
+    paper's protocol: without the freeze, context tokens that read the moved keys carry the change too);
+    questions about the slot-0 object. Returns the fraction of answers that stay I0 ("kept") and that become I1
+    ("swapped"), per fraction."""
     from hooked_vlm.organism import ShapesGenerator
 
     gen = ShapesGenerator(seed)
@@ -249,7 +253,8 @@ def shapes_position_swap(
     tok = model.tokenizer
     ids = [torch.tensor([tok.convert_tokens_to_ids(s.items[slot_objects(s, order)[k]]) for s in scenes]) for k in (0, 1)]
     mask = inputs.get("attention_mask")
-    runs = position_swap(model, inputs, slots[0], slots[1], fractions)
+    runs = position_swap(model, inputs, slots[0], slots[1], fractions,
+                         freeze=shapes_context(model, inputs) if frozen_context else None)
     return {"kept": [float(Accuracy(ids[0], mask)(r).mean()) for r in runs],
             "swapped": [float(Accuracy(ids[1], mask)(r).mean()) for r in runs]}
 

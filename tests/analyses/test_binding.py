@@ -104,6 +104,29 @@ def test_rerotation_by_zero_is_identity_and_nonzero_moves(setup):
     assert (moved - base).abs().max() > 1e-4
 
 
+def test_frozen_context_stays_bit_identical_under_rerotation(setup):
+    """2505.22200's position independence: with the context frozen, every context position (outside the moved
+    slots) keeps its clean residual stream at every layer, bit for bit, while the moved keys still change the
+    answer positions after it."""
+    model, inputs, layout, s0, s1, obj, base = setup
+    # the context: everything up to the second slot (the token between the slots reads slot 0's moved key)
+    pos = torch.arange(s1.shape[1])
+    context = (pos[None] <= s1.int().argmax(1, keepdim=True)) & layout.attention_mask.bool()
+    # what each layer reads: its ln1 input normalised (observed downstream of the freeze's resid_pre hook)
+    names = [f"blocks.{l}.ln1.hook_normalized" for l in range(model.cfg.n_layers)]
+    _, clean = model.run_with_cache(**inputs, names_filter=names)
+    seen = {}
+    with model.hooks(fwd_hooks=[(n, lambda x, hook: seen.__setitem__(hook.name, x.clone())) for n in names]):
+        frozen = position_swap(model, inputs, s0, s1, fractions=[1.0], freeze=context)[0]
+    keep = context & ~(s0 | s1)
+    for n in names:
+        assert torch.equal(seen[n][keep], clean[n][keep]), n
+    free = position_swap(model, inputs, s0, s1, fractions=[1.0])[0]
+    final = layout.final_token()
+    assert (frozen[final] - base[final]).abs().max() > 1e-5  # the slots still move the answer
+    assert (frozen[final] - free[final]).abs().max() > 1e-5  # and the freeze changes the result
+
+
 @pytest.mark.parametrize("mrope", [None, [2, 3, 3]])
 def test_rerotation_composes_with_rope(mrope):
     """R(delta) applied on top of R(p) equals R(p + delta), for 1-D RoPE and for M-RoPE shifting all axes,
@@ -215,12 +238,14 @@ def test_organism_factorizability(organism):
 
 @needs_organism
 def test_organism_position_independence(organism):
-    """Re-rotating the keys of the two objects' image tokens (or of the two item letters) onto each other's
-    positions leaves every answer unchanged; doing it to the colour words does not (the layer-0 gather head
-    finds an item's colour word by relative position)."""
-    for kind in ("object", "item"):
+    """With the paper's frozen context, re-rotating the keys of the two objects' image tokens, the colour words or
+    the item letters onto each other's positions leaves every answer unchanged: the organism's bindings are
+    position-independent in the paper's sense. Without the freeze the colour words' swap does change answers (the
+    layer-0 gather head re-reads the colour words by relative position in the context tokens), which is why the
+    freeze is the default: it reverses the conclusion."""
+    for kind in ("object", "colour", "item"):
         assert shapes_position_swap(organism, kind, n=12, fractions=[1.0])["kept"] == [1.0]
-    assert shapes_position_swap(organism, "colour", n=12, fractions=[1.0])["kept"][0] < 0.9
+    assert shapes_position_swap(organism, "colour", n=12, fractions=[1.0], frozen_context=False)["kept"][0] < 0.9
 
 
 @needs_organism
