@@ -371,3 +371,16 @@ def gemma3_inputs(processor, images_per_prompt=(2, 1), seed: int = 0, words: int
     if not any(images_per_prompt):
         return dict(processor(text=texts, return_tensors="pt", padding=True))
     return dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
+
+
+def gemma3_image_counterfactual():
+    """(hf, processor, clean, corrupt, metric): tiny Gemma 3, two prompts with 1 and 2 images and 2 words each (so
+    position n - 6 lies inside the second image), corrupt = the same prompts with other pixels; metric a LogitDiff
+    on fixed ids. For sweeps whose resume points fall inside a bidirectional image."""
+    from hooked_vlm.analyses.metrics import LogitDiff
+
+    hf = tiny_gemma3()
+    proc = gemma3_processor(hf)
+    clean = gemma3_inputs(proc, (1, 2), words=2)
+    corrupt = dict(clean, pixel_values=gemma3_inputs(proc, (1, 2), seed=1, words=2)["pixel_values"])
+    return hf, proc, clean, corrupt, LogitDiff(torch.tensor([3, 4]), torch.tensor([5, 6]), clean["attention_mask"])

@@ -322,14 +322,10 @@ def test_reuse_prefix_equals_full_reruns(setup, family):
     if family == "llava":
         model, clean, _, corrupt, metric = setup
     elif family == "gemma3":  # positions inside an image: resumed from the image's first token (bidirectional)
-        from tiny import gemma3_inputs, gemma3_processor, tiny_gemma3
+        from tiny import gemma3_image_counterfactual
 
-        hf = tiny_gemma3()
-        proc = gemma3_processor(hf)
+        hf, proc, clean, corrupt, metric = gemma3_image_counterfactual()  # n - 6 is inside the second image
         model = HookedVLM.from_hf(hf, proc)
-        clean = gemma3_inputs(proc, (1, 2), words=2)  # n - 6 is inside the second image
-        corrupt = dict(clean, pixel_values=gemma3_inputs(proc, (1, 2), seed=1, words=2)["pixel_values"])
-        metric = LogitDiff(torch.tensor([3, 4]), torch.tensor([5, 6]), clean["attention_mask"])
     else:
         from tiny import qwen_inputs, tiny_qwen3_vl, tiny_qwen_vl
 

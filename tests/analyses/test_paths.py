@@ -202,14 +202,10 @@ def test_senders_inside_a_bidirectional_image_resume_at_its_start(monkeypatch):
 
     from hooked_vlm.analyses import paths as paths
     from hooked_vlm.analyses.toolkit import run_sites
-    from tiny import gemma3_inputs, gemma3_processor, tiny_gemma3
+    from tiny import gemma3_image_counterfactual
 
-    hf = tiny_gemma3()
-    proc = gemma3_processor(hf)
+    hf, proc, clean, cf, metric = gemma3_image_counterfactual()  # n - 6 is inside the second image
     model = HookedVLM.from_hf(hf, proc)
-    clean = gemma3_inputs(proc, (1, 2), words=2)  # n - 6 is inside the second image
-    cf = dict(clean, pixel_values=gemma3_inputs(proc, (1, 2), seed=1, words=2)["pixel_values"])
-    metric = LogitDiff(torch.tensor([3, 4]), torch.tensor([5, 6]), clean["attention_mask"])
     n = clean["input_ids"].shape[1]
     kw = dict(senders=[[(0, 0)], [(0, 1), (1, 2)], ["MLP0"]], receivers=[(2, "q", 1)], sender_positions=[n - 6],
               per_prompt=True, progress=False)
