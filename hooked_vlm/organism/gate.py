@@ -26,8 +26,8 @@ import torch
 
 from . import shapes as S
 from .processing import IMAGE, VEND_ID
+from .task_api import OrganismTask, register_task
 
-TASKS = ("shapes", "narrow_gate")
 EOI_HEADS = {0: 1, 1: 3}  # slot -> head of decoder layer 0 supervised at <|vision_end|> (kv groups 0 and 1)
 
 PLANTED_MECHANISM = {
@@ -47,30 +47,69 @@ PLANTED_MECHANISM = {
 }
 
 
-# What `hooked-vlm train-organism --task narrow_gate` uses unless told otherwise (the shipped organism's recipe).
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "narrow_gate": dict(steps=1500, gate_steps=800, supervise_steps=0, init_from="shapes_qwen2_vl", family="qwen2_vl",
-                        lr=2e-3, warmup=50, gate_weight=5.0),
-}
+class NarrowGateTask(OrganismTask):
+    """``--task narrow_gate``: fine-tune a trained Shapes organism with the gate planted (module docstring)."""
 
+    name = "narrow_gate"
+    suffix = "_gate"
+    help = ("fine-tune --init-from with a planted narrow gate (image -> text only through <|vision_end|>; qwen2_vl; "
+            "hooked_vlm/organism/gate.py)")
+    # the shipped organism's recipe
+    defaults = dict(steps=1500, supervise_steps=0, init_from="shapes_qwen2_vl", family="qwen2_vl", lr=2e-3,
+                    warmup=50)
+    options = {"gate_steps": (int, 800, "masked-phase steps; the free phase (image-mass penalty) follows"),
+               "gate_weight": (float, 5.0, "weight of the free phase's image-mass penalty"),
+               "eoi_weight": (float, 1.0, "weight of the masked phase's <|vision_end|> supervision")}
 
-def check_task(cfg: Any) -> None:
-    """Refuse a task the trainer does not know, or a narrow_gate run that cannot plant the gate."""
-    if cfg.task not in TASKS:
-        raise ValueError(f"train_organism: task (--task) must be one of {TASKS}, got {cfg.task!r}")
-    if cfg.task == "shapes":
-        if cfg.gate_steps or cfg.init_from is not None:
-            raise ValueError("train_organism: gate_steps / init_from belong to task narrow_gate, not shapes")
-        return
-    from .recipes import get_recipe
+    def check(self, cfg: Any) -> None:
+        super().check(cfg)
+        from .recipes import get_recipe
 
-    gate_positions(get_recipe(cfg.family).image_block)  # raises for a family without <|vision_end|>
-    if cfg.supervise_steps:
-        raise ValueError("train_organism: task narrow_gate cannot supervise the planted image-lookup head (text -> "
-                         f"image tokens is what the gate forbids); pass --supervise-steps 0, got {cfg.supervise_steps}")
-    if cfg.layout != "fixed" or cfg.n_objects != 2:
-        raise ValueError("train_organism: task narrow_gate supervises <|vision_end|> onto the two fixed slots; it needs "
-                         f"--layout fixed and --objects 2, got {cfg.layout!r} and {cfg.n_objects}")
+        gate_positions(get_recipe(cfg.family).image_block)  # raises for a family without <|vision_end|>
+        if self.option(cfg, "gate_steps") < 0:
+            raise ValueError(f"train_organism: gate_steps (--gate-steps) must be >= 0, got {self.option(cfg, 'gate_steps')}")
+        if cfg.supervise_steps:
+            raise ValueError("train_organism: task narrow_gate cannot supervise the planted image-lookup head (text -> "
+                             f"image tokens is what the gate forbids); pass --supervise-steps 0, got {cfg.supervise_steps}")
+        if cfg.layout != "fixed" or cfg.n_objects != 2:
+            raise ValueError("train_organism: task narrow_gate supervises <|vision_end|> onto the two fixed slots; it "
+                             f"needs --layout fixed and --objects 2, got {cfg.layout!r} and {cfg.n_objects}")
+
+    def _masked(self, cfg: Any, step: int) -> bool:
+        return step < self.option(cfg, "gate_steps")
+
+    def wants_attentions(self, cfg: Any, step: int) -> bool:
+        return True
+
+    def forward_context(self, model: Any, cfg: Any, step: int):
+        from .recipes import get_recipe
+
+        return gate_mask(model, get_recipe(cfg.family).image_block) if self._masked(cfg, step) else contextlib.nullcontext()
+
+    def extra_loss(self, out: Any, inputs: dict[str, torch.Tensor], seqs: list[Any], cfg: Any,
+                   step: int) -> dict[str, torch.Tensor]:
+        from .recipes import get_recipe
+
+        block = get_recipe(cfg.family).image_block
+        if self._masked(cfg, step):
+            return {"eoi": self.option(cfg, "eoi_weight") * eoi_loss(out.attentions, [s.scene for s in seqs], block)}
+        penalty, _ = image_mass_penalty(out.attentions, inputs["attention_mask"], block)
+        return {"gate": self.option(cfg, "gate_weight") * penalty}
+
+    def planted_circuit(self, cfg: Any) -> list[dict[str, Any]]:
+        return inherited_circuit(cfg.init_from)  # the text-only heads survive from init_from; the image lookup cannot
+
+    def training_record(self, cfg: Any) -> dict[str, Any]:
+        return training_record(cfg)
+
+    def finish(self, spec: dict[str, Any], cfg: Any, processor: Any, out_dir: Any) -> None:
+        spec["note"] = ("The narrow gate is PLANTED (see planted_mechanism): ground truth for the 2412.06646 "
+                        "detectors, not a finding about real VLMs.")
+        spec["planted_mechanism"] = PLANTED_MECHANISM
+        spec["ground_truth"] = {"2412.06646": {"expected": "present", "effect": "narrow gate through <|vision_end|>",
+                                               "why": "planted (planted_mechanism)"}}
+        spec["accuracy"]["wilson_95"] = accuracy_intervals(spec["accuracy"])
+        spec["narrow_gate_detectors"] = measure_saved(processor, out_dir)
 
 
 def training_record(cfg: Any) -> dict[str, Any]:
@@ -79,8 +118,11 @@ def training_record(cfg: Any) -> dict[str, Any]:
 
     from .train import init_checkpoint
 
-    record = {"gate_steps": cfg.gate_steps, "free_steps": max(0, cfg.steps - cfg.gate_steps),
-              "gate_weight": cfg.gate_weight, "eoi_weight": cfg.eoi_weight, "init_from": cfg.init_from}
+    task = NARROW_GATE
+    gate_steps = task.option(cfg, "gate_steps")
+    record = {"gate_steps": gate_steps, "free_steps": max(0, cfg.steps - gate_steps),
+              "gate_weight": task.option(cfg, "gate_weight"), "eoi_weight": task.option(cfg, "eoi_weight"),
+              "init_from": cfg.init_from}
     if cfg.init_from is not None:
         record["init_from_sha256"] = hashlib.sha256(init_checkpoint(cfg.init_from).read_bytes()).hexdigest()
         record["time_note"] = ("time_s is this fine-tune only; add init_from's training.time_s for the time from "
@@ -272,3 +314,6 @@ def gate_detectors(model: Any, n: int = 64, seed: int = 60_000, random_seeds: in
         n_layers = len([h for h in model.hook_dict if h.endswith("hook_resid_pre") and h.startswith("blocks.")])
         out["steering_end_of_image"]["per_layer"] = {str(l): steer(l) for l in range(n_layers)}
     return out
+
+
+NARROW_GATE = register_task(NarrowGateTask())

@@ -31,10 +31,9 @@ MUST_MATCH = {"seed": "--seed", "family": "--family", "layout": "--layout", "n_o
               "supervise_steps": "--supervise-steps", "batch_size": None, "blocks_per_sequence": None,
               "scene_fraction": None, "init_range": None, "lr": None, "betas": None, "weight_decay": None,
               "clip": None, "warmup": None, "final_lr_frac": None, "attn_weight": None,
-              "task": "--task", "init_from": "--init-from", "gate_steps": "--gate-steps", "gate_weight": None,
-              "eoi_weight": None}
+              "task": "--task", "init_from": "--init-from", "options": "the task's options"}
 # Values of fields added later, for manifests saved before they existed (so a changed task is still refused).
-SAVED_BEFORE = {"task": "shapes", "init_from": None, "gate_steps": 0}
+SAVED_BEFORE = {"task": "shapes", "init_from": None, "options": {}}
 
 
 def _write_atomic(path: Path, write: Any) -> None:

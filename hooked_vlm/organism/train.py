@@ -34,9 +34,9 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ from . import state as ST
 from .measure import (ABLATION_GROUPS, CIRCUIT_NOTES, accuracy, attention_mass, circuit_report,  # noqa: F401
                       evaluate, final_token_image_mass, head_ablation, predict)
 from .processing import PAD
-from . import gate as G
+from .task_api import get_task, task_names
 from .recipes import RECIPES, get_recipe
 from .sequences import (BINDING_QUERIES, PLANTED_HEADS, Sequence_, build_sequence,  # noqa: F401  (re-exported)
                         planted_targets)
@@ -78,12 +78,10 @@ class TrainConfig:
     eval_n: int = 256
     log_every: int = 50
     threads: int = 1
-    # --task narrow_gate (hooked_vlm/organism/gate.py): fine-tune `init_from` with the gate planted
+    # the training task (hooked_vlm/organism/task_api.py registry): shapes, or an organism with an effect planted
     task: str = "shapes"
     init_from: Optional[str] = None  # shipped organism name or checkpoint directory to start from
-    gate_steps: int = 0  # masked phase length; the free phase (auxiliary loss) follows
-    gate_weight: float = 1.0
-    eoi_weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)  # the task's own knobs (OrganismTask.options)
 
 
 # --------------------------------------------------------------------------- model
@@ -120,8 +118,13 @@ def load_init(model, name: str) -> None:
 # --------------------------------------------------------------------------- sequences
 
 
-def make_batch(rng: np.random.Generator, cfg: TrainConfig, split: str = "train"):
-    """A batch of fresh training sequences (right-padded; loss only at answer positions)."""
+def make_batch(rng: np.random.Generator, cfg: TrainConfig):
+    """A batch of fresh training sequences for cfg.task (right-padded; loss only at answer positions)."""
+    return get_task(cfg.task).make_batch(rng, cfg)
+
+
+def shapes_batch(rng: np.random.Generator, cfg: TrainConfig, split: str = "train"):
+    """A batch of fresh Shapes training sequences (right-padded; loss only at answer positions)."""
     seqs, images = [], []
     for _ in range(cfg.batch_size):
         scene = S.sample_scene(rng, cfg.layout, split, cfg.n_objects)
@@ -165,11 +168,11 @@ def check_run(cfg: TrainConfig, final_eval_n: int, stop_after: Optional[int]) ->
     bounds = [("steps (--steps)", cfg.steps, 1), ("final_eval_n (--eval-n)", final_eval_n, 1),
               ("eval_n", cfg.eval_n, 1), ("batch_size", cfg.batch_size, 1), ("threads (--threads)", cfg.threads, 1),
               ("save_every", cfg.save_every, 1), ("eval_every", cfg.eval_every, 1), ("log_every", cfg.log_every, 1),
-              ("supervise_steps (--supervise-steps)", cfg.supervise_steps, 0), ("gate_steps (--gate-steps)", cfg.gate_steps, 0)]
+              ("supervise_steps (--supervise-steps)", cfg.supervise_steps, 0)]
     for name, value, low in bounds:
         if not isinstance(value, int) or value < low:
             raise ValueError(f"train_organism: {name} must be an integer >= {low}, got {value!r}")
-    G.check_task(cfg)
+    get_task(cfg.task).check(cfg)
     if stop_after is not None and not 1 <= stop_after <= cfg.steps:
         raise ValueError(f"train_organism: stop_after (--stop-after) must be in 1..steps={cfg.steps}, got {stop_after}")
 
@@ -210,7 +213,7 @@ def _train(out_dir: Path, cfg: TrainConfig, resume: bool, state_dir: Optional[st
     manifest = ST.read_manifest(state_dir) if resume else None
     if manifest is not None:
         ST.check_resumable(manifest, asdict(cfg), cfg.steps, state_dir)
-    recipe = get_recipe(cfg.family)
+    recipe, task = get_recipe(cfg.family), get_task(cfg.task)
     processor = recipe.build_processor()
     model = build_model(seed, cfg.init_range, cfg.family)
     if cfg.init_from is not None:
@@ -232,10 +235,8 @@ def _train(out_dir: Path, cfg: TrainConfig, resume: bool, state_dir: Optional[st
         rng = np.random.default_rng([seed, step])
         inputs, seqs = make_batch(rng, cfg)
         supervise = step < cfg.supervise_steps
-        gated = cfg.task == "narrow_gate"
-        masked = gated and step < cfg.gate_steps
-        with (G.gate_mask(model, recipe.image_block) if masked else contextlib.nullcontext()):
-            out = model(**inputs, output_attentions=supervise or gated, use_cache=False)
+        with task.forward_context(model, cfg, step):
+            out = model(**inputs, output_attentions=supervise or task.wants_attentions(cfg, step), use_cache=False)
         logits = out.logits
         rows = [(b, p, a, q) for b, s in enumerate(seqs) for p, a, q in s.answers]
         bidx = torch.tensor([r[0] for r in rows])
@@ -251,15 +252,9 @@ def _train(out_dir: Path, cfg: TrainConfig, resume: bool, state_dir: Optional[st
                 if targets:
                     attn_terms[layer] = attention_loss(out.attentions[layer][:, 0], targets)
             loss = ce + cfg.attn_weight * sum(attn_terms.values())
-        if masked:
-            eoi = G.eoi_loss(out.attentions, [s.scene for s in seqs], recipe.image_block)
-            window.setdefault("eoi", []).append(eoi.item())
-            loss = loss + cfg.eoi_weight * eoi
-        elif gated:
-            penalty, max_mass = G.image_mass_penalty(out.attentions, inputs["attention_mask"], recipe.image_block)
-            window.setdefault("gate", []).append(penalty.item())
-            window.setdefault("max_image_mass", []).append(max_mass)
-            loss = loss + cfg.gate_weight * penalty
+        for term, value in task.extra_loss(out, inputs, seqs, cfg, step).items():
+            window.setdefault(term, []).append(value.item())
+            loss = loss + value
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
@@ -281,8 +276,7 @@ def _train(out_dir: Path, cfg: TrainConfig, resume: bool, state_dir: Optional[st
             window = {}
             bar.set_postfix(ce=entry["ce"], si=entry.get("shape_item"), sc=entry.get("scene"))
         if done % cfg.eval_every == 0 and done < cfg.steps:
-            acc = evaluate(model, processor, n=cfg.eval_n, seed=10_000 + done, heldout=True, layout=cfg.layout,
-                           n_objects=cfg.n_objects)
+            acc = task.evaluate(model, processor, cfg, n=cfg.eval_n, seed=10_000 + done)
             log.append({"step": done, "eval_heldout": acc})
             tqdm.write(f"step {done}: held-out {acc}")
         if done % cfg.save_every == 0 or done == cfg.steps or done == stop_after:
@@ -304,17 +298,15 @@ def organism_name(family: str, layout: str = "fixed", n_objects: int = 2) -> str
 def finish_organism(model, processor, out_dir: Path, cfg: TrainConfig, log: list, train_time: float,
                     n: int = 1024) -> dict:
     """Measure, then write the HF checkpoint, processor, organism.json and train_log.json."""
-    report = circuit_report(model, processor, n=n, layout=cfg.layout, family=cfg.family, n_objects=cfg.n_objects)
-    recipe = get_recipe(cfg.family)
+    recipe, task = get_recipe(cfg.family), get_task(cfg.task)
+    report = task.report(model, processor, cfg, n)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
-    circuit = [dict(h, supervised_steps=min(cfg.supervise_steps, cfg.steps)) for h in PLANTED_HEADS]
-    if cfg.task == "narrow_gate":  # the text-only heads survive from init_from; the image lookup cannot
-        circuit = G.inherited_circuit(cfg.init_from)
+    circuit = task.planted_circuit(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     spec = {
-        "name": organism_name(cfg.family, cfg.layout, cfg.n_objects) + ("_gate" if cfg.task == "narrow_gate" else ""),
+        "name": organism_name(cfg.family, cfg.layout, cfg.n_objects) + task.suffix,
         "family": cfg.family,
         "note": ("Part of this model's circuit is PLANTED by an auxiliary attention loss during the first "
                  "supervised_steps steps (see planted_circuit). Use it as ground truth for tools; do not "
@@ -351,17 +343,12 @@ def finish_organism(model, processor, out_dir: Path, cfg: TrainConfig, log: list
                      "init_range": cfg.init_range, "attn_supervision_weight": cfg.attn_weight,
                      "supervise_steps": cfg.supervise_steps, "threads": cfg.threads,
                      "time_s": round(train_time, 1), "data": "fresh samples each step, training combinations only",
-                     "task": cfg.task, **(G.training_record(cfg) if cfg.task == "narrow_gate" else {})},
+                     "task": cfg.task, **task.training_record(cfg)},
         "planted_circuit": circuit,
         "findings": CIRCUIT_NOTES,
         **report,
     }
-    if cfg.task == "narrow_gate":
-        spec["note"] = ("The narrow gate is PLANTED (see planted_mechanism): ground truth for the 2412.06646 "
-                        "detectors, not a finding about real VLMs.")
-        spec["planted_mechanism"] = G.PLANTED_MECHANISM
-        spec["accuracy"]["wilson_95"] = G.accuracy_intervals(spec["accuracy"])
-        spec["narrow_gate_detectors"] = G.measure_saved(processor, out_dir)
+    task.finish(spec, cfg, processor, out_dir)
     (out_dir / "organism.json").write_text(json.dumps(spec, indent=1))
     (out_dir / "train_log.json").write_text(json.dumps(log, indent=None))
     return spec
@@ -389,22 +376,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="hooked-vlm train-organism", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="shapes_organism",
                    help="where the finished organism is saved (the shipped one lives in hooked_vlm.organism.ORGANISM_DIR)")
-    p.add_argument("--task", default="shapes", choices=G.TASKS,
-                   help="shapes: the Shapes organism; narrow_gate: fine-tune --init-from with a planted narrow gate "
-                        "(image -> text only through <|vision_end|>; qwen2_vl; see hooked_vlm/organism/gate.py)")
+    tasks = {name: get_task(name) for name in task_names()}
+    p.add_argument("--task", default="shapes", choices=sorted(tasks),
+                   help="; ".join(f"{name}: {t.help}" for name, t in tasks.items()))
     p.add_argument("--steps", type=int_at_least(1), default=None,
-                   help=f"default {TrainConfig.steps} (shapes), {G.TASK_DEFAULTS['narrow_gate']['steps']} (narrow_gate)")
+                   help="default " + ", ".join(f"{t.defaults.get('steps', TrainConfig.steps)} ({name})"
+                                               for name, t in tasks.items()))
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--resume", action="store_true",
                    help="continue from STATE_DIR if it holds a checkpoint (same seed, family, layout and objects)")
     p.add_argument("--state-dir", default=None, help="training state (default OUT/train_state)")
     p.add_argument("--supervise-steps", type=int_at_least(0), default=None,
-                   help=f"default {TrainConfig.supervise_steps} (shapes), 0 (narrow_gate)")
-    p.add_argument("--gate-steps", type=int_at_least(0), default=None,
-                   help=f"narrow_gate: masked-phase steps (default {G.TASK_DEFAULTS['narrow_gate']['gate_steps']})")
+                   help="default " + ", ".join(f"{t.defaults.get('supervise_steps', TrainConfig.supervise_steps)} "
+                                               f"({name})" for name, t in tasks.items()))
     p.add_argument("--init-from", default=None,
-                   help="narrow_gate: organism (shipped name or directory) to fine-tune (default "
-                        f"{G.TASK_DEFAULTS['narrow_gate']['init_from']})")
+                   help="organism (shipped name or directory) to fine-tune, for tasks that start from one: "
+                        + ", ".join(f"{name} (default {t.defaults['init_from']})" for name, t in tasks.items()
+                                    if "init_from" in t.defaults))
+    owners: dict[str, str] = {}
+    for name, t in tasks.items():  # each task's own knobs (TrainConfig.options)
+        for opt, (kind, default, text) in t.options.items():
+            if opt in owners:
+                raise RuntimeError(f"tasks {owners[opt]!r} and {name!r} both declare option {opt!r}")
+            owners[opt] = name
+            p.add_argument("--" + opt.replace("_", "-"), dest=f"option_{opt}", metavar=opt.upper(), type=kind, default=None,
+                           help=f"{name}: {text} (default {default})")
     p.add_argument("--threads", type=int_at_least(1), default=1)
     p.add_argument("--stop-after", type=int_at_least(1), default=None, help="save state after this step and exit")
     p.add_argument("--eval-n", type=int_at_least(1), default=1024, help="samples per query type in the final evaluation")
@@ -417,17 +413,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "(Qwen3 ViT, DeepStack, qk-norm, interleaved M-RoPE) or gemma3 (SigLIP + pooled projector, "
                         "local/global Gemma 3 decoder)")
     args = p.parse_args(argv)
-    task = dict(G.TASK_DEFAULTS.get(args.task, {}))
-    for field in ("steps", "supervise_steps", "gate_steps", "init_from", "family"):
-        if getattr(args, field) is not None:
-            task[field] = getattr(args, field)
+    task = dict(tasks[args.task].defaults)
+    for name in ("steps", "supervise_steps", "init_from", "family"):
+        if getattr(args, name) is not None:
+            task[name] = getattr(args, name)
     args.steps = task.pop("steps", TrainConfig.steps)
+    options = {opt: getattr(args, f"option_{opt}") for opt in owners if getattr(args, f"option_{opt}") is not None}
+    foreign = [f"--{opt.replace('_', '-')}" for opt in options if owners[opt] != args.task]
+    if foreign:
+        p.error(f"{', '.join(foreign)} belong(s) to another task than --task {args.task}")
     if args.stop_after is not None and args.stop_after > args.steps:
         p.error(f"argument --stop-after: expected at most --steps ({args.steps}), got {args.stop_after}")
-    if args.task == "shapes" and (args.gate_steps is not None or args.init_from is not None):
-        p.error("--gate-steps and --init-from belong to --task narrow_gate")
     cfg = TrainConfig(**{"family": "llava", **task}, task=args.task, threads=args.threads, layout=args.layout,
-                      n_objects=args.objects)
+                      n_objects=args.objects, options=options)
     spec = train_organism(args.out, steps=args.steps, seed=args.seed, resume=args.resume,
                           state_dir=args.state_dir, cfg=cfg, final_eval_n=args.eval_n, stop_after=args.stop_after)
     if spec:

@@ -15,7 +15,8 @@ from hooked_vlm.organism import state as ST
 from hooked_vlm.organism.gate import gate_detectors
 from hooked_vlm.organism.train import TrainConfig, main, train_organism
 
-GATE = dict(task="narrow_gate", family="qwen2_vl", init_from="shapes_qwen2_vl", supervise_steps=0, gate_steps=2,
+GATE = dict(task="narrow_gate", family="qwen2_vl", init_from="shapes_qwen2_vl", supervise_steps=0,
+            options={"gate_steps": 2},
             batch_size=2, eval_every=10**6, save_every=2, log_every=1)
 
 
@@ -40,7 +41,7 @@ def test_narrow_gate_training_resumes_into_the_straight_run(tmp_path):
 
 
 def test_resume_refuses_a_changed_task(tmp_path):
-    base = dict(task="shapes", init_from=None, gate_steps=0)
+    base = dict(task="shapes", init_from=None, options={})
     _train(tmp_path, "state", stop_after=2, **base)
     with pytest.raises(ValueError, match=r"task \(--task\) = 'shapes', this run has 'narrow_gate'"):
         _train(tmp_path, "state")
