@@ -108,7 +108,7 @@ def slot_activations(
 
 
 def per_token_delta(
-    at_slot0: Float[Tensor, "n_pairs *hooks n_tok d"], at_slot1: Float[Tensor, "n_pairs *hooks n_tok d"]
+    at_slot0: Float[Tensor, "n_pairs *hooks n_tok d"], at_slot1: Float[Tensor, "*same_shape"]
 ) -> Float[Tensor, "*hooks n_tok d"]:
     """The paired estimator: mean over pairs of (entity X's activation at slot 1) - (X's activation at slot 0),
     token by token. Pair i must hold the same entity in at_slot0[i] and at_slot1[i]."""
@@ -225,7 +225,7 @@ class MeanInterventionResult:
     delta_norm: dict[str, list[float]] = field(default_factory=dict)
     estimator: str = "paired"
 
-    def get(self, condition: str, scale: float = 1, query: str = "both") -> dict[str, Estimate]:
+    def get(self, condition: str, scale: float | int = 1, query: str = "both") -> dict[str, Estimate]:
         key = (condition, float(scale), query)
         if key not in self.rates:
             raise KeyError(f"no result for {key}; have {sorted(self.rates)}")
@@ -264,7 +264,7 @@ def mean_intervention_protocol(
     queries: Mapping[str, BindingQuery],
     *,
     conditions: Mapping[str, Sequence[str]] | Sequence[str] = tuple(CONDITIONS),
-    scales: Sequence[float] = (1, 2, 4),
+    scales: Sequence[float | int] = (1, 2, 4),
     n_random: int = 1,
     control_seed: int = 0,
     hook_names: Sequence[str] | None = None,

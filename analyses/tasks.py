@@ -258,7 +258,7 @@ def shapes_binding_queries(model: "HookedVLM", scenes: Sequence[Any], order: str
 def shapes_mean_intervention(
     model: "HookedVLM", conditions: Sequence[str] = ("O", "C", "I", "O+I", "O+C"), n_fit: int = 64,
     n_eval: int = 64, seed: int = 0, order: str = "mention", frozen_context: bool = True,
-    scales: Sequence[float] = (1, 2, 4), control_seed: int = 0, n_random: int = 1, estimator: str = "paired",
+    scales: Sequence[float | int] = (1, 2, 4), control_seed: int = 0, n_random: int = 1, estimator: str = "paired",
     batch_size: int | None = None,
 ) -> MeanInterventionResult:
     """Mean interventions on Shapes as 2505.22200 ran them (see `binding.mean_intervention_protocol`): per slot kind,
