@@ -73,19 +73,23 @@ def swap_slot(
     freeze: Bool[Tensor, "batch pos"] | None = None,
     hook_names: Sequence[str] | None = None,
     batch_size: int | None = None,
+    corrupt_cache: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Run `clean` with the residuals at `slot` replaced, at every hook in hook_names (default all resid_pre), by
     the `corrupt` run's residuals at `corrupt_slot` (default `slot`; the same count per prompt, taken in order).
     `freeze`: positions (the context) held at the clean run's values at every layer. Returns logits, or
-    metric(logits), over chunks of batch_size prompts (None: all at once)."""
+    metric(logits), over chunks of batch_size prompts (None: all at once). corrupt_cache: the corrupt run's
+    activations at hook_names when the caller has them (only without chunks)."""
     if clean["input_ids"].shape[0] != corrupt["input_ids"].shape[0]:
         check_pair(clean, corrupt)  # names both batch sizes
     names = list(hook_names or resid_names(model))
     chunks = zip(prompt_chunks(model, clean, batch_size), prompt_chunks(model, corrupt, batch_size))
     out = []
+    if corrupt_cache is not None and batch_size is not None:
+        raise ValueError("swap_slot: corrupt_cache holds the whole batch; pass it without batch_size")
     for (i, j, c), (_, _, x) in chunks:
         _, cl = run_cached(model, c, names)
-        _, src = run_cached(model, x, names)
+        src = corrupt_cache if corrupt_cache is not None else run_cached(model, x, names)[1]
         cs = slot if corrupt_slot is None else corrupt_slot
         targets = {n: transplant(cl[n], src[n], slot[i:j], cs[i:j]) for n in names}
         out.append(run_with_resid(model, c, targets, _or(slot[i:j], None if freeze is None else freeze[i:j]), metric))
@@ -129,13 +133,15 @@ def factorizability(
     if corrupt is not None and slots is None:
         raise ValueError("factorizability: a corrupt context needs slots (one mask per query batch)")
     rows = []
+    names = list(hook_names or resid_names(model))
+    cache = run_cached(model, corrupt, names)[1] if corrupt is not None and batch_size is None else None
     for i, q in enumerate(queries):
         if corrupt is None:
             logits = model(**q)
         else:
             logits = swap_slot(model, q, corrupt, slot=slots[i], corrupt_slot=corrupt_slot,
-                               freeze=None if freeze is None else freeze[i], hook_names=hook_names,
-                               batch_size=batch_size)
+                               freeze=None if freeze is None else freeze[i], hook_names=names,
+                               batch_size=batch_size, corrupt_cache=cache)
         rows.append(read_answers(logits, answers, q.get("attention_mask"), readout).mean(-1).cpu())
     return torch.stack(rows)
 

@@ -173,11 +173,13 @@ def add_deltas(
     freeze: Bool[Tensor, "batch pos"] | None = None,
     hook_names: Sequence[str] | None = None,
     batch_size: int | None = None,
+    clean_cache: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Run `clean` with, for each (slot0, slot1, delta) in edits, slot 0 := clean + delta and slot 1 := clean - delta
     at every hook (default every resid_pre); delta is [n_hooks, n_tok, d] (per token) or [n_hooks, d] (one vector).
     `freeze`: positions (the context) held at their clean residuals at every hook. Returns logits, or
-    metric(logits) [batch], concatenated over chunks of batch_size prompts."""
+    metric(logits) [batch], concatenated over chunks of batch_size prompts. clean_cache: the clean run's
+    activations at hook_names, when the caller has them (one run saved per call; only without chunks)."""
     names = list(hook_names or resid_names(model))
     if not edits:  # nothing to add: a frozen context at its clean values is the clean run
         return torch.cat([model(**part) if metric is None else metric(model(**part))
@@ -186,8 +188,10 @@ def add_deltas(
         if len(d) != len(names):
             raise ValueError(f"Delta has {len(d)} rows for {len(names)} hooks")
     outs = []
+    if clean_cache is not None and batch_size is not None:
+        raise ValueError("add_deltas: clean_cache holds the whole batch; pass it without batch_size")
     for i, j, part in prompt_chunks(model, clean, batch_size):
-        _, cache = run_cached(model, part, names)
+        cache = clean_cache if clean_cache is not None else run_cached(model, part, names)[1]
         targets = {}
         for h, n in enumerate(names):
             x = cache[n]
@@ -288,9 +292,13 @@ def mean_intervention_protocol(
         if set(needed) - set(q.slots):
             raise ValueError(f"a query lacks slot masks for {sorted(set(needed) - set(q.slots))}")
 
+    names = list(hook_names or resid_names(model))
+    caches = {id(q): run_cached(model, q.inputs, names)[1] for q in queries.values()} if batch_size is None else {}
+
     def outcomes(q: BindingQuery, edits: list) -> tuple[Tensor, Tensor]:
         mask = q.inputs.get("attention_mask")
-        logits = add_deltas(model, q.inputs, edits, freeze=q.freeze, hook_names=hook_names, batch_size=batch_size)
+        logits = add_deltas(model, q.inputs, edits, freeze=q.freeze, hook_names=names, batch_size=batch_size,
+                            clean_cache=caches.get(id(q)))
         return Accuracy(q.swapped, mask)(logits).cpu(), Accuracy(q.kept, mask)(logits).cpu()
 
     baseline: dict[str, dict[str, Estimate]] = {}

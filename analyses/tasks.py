@@ -118,11 +118,8 @@ def shapes_slots(model: "HookedVLM", inputs: dict[str, Any], scenes: Sequence[An
     out: dict[str, list[Tensor]] = {"object": [], "colour": [], "item": []}
     for k in range(2):
         objs = [slot_objects(sc, order)[k] for sc in scenes]
-        obj = torch.zeros(layout.shape, dtype=torch.bool)
-        for bi, (sc, i) in enumerate(zip(scenes, objs)):
-            x0, y0, x1, y1 = sc.boxes[i]
-            obj[bi] = layout.in_box(x0 / w, y0 / h, x1 / w, y1 / h)[bi]
-        out["object"].append(obj)
+        out["object"].append(layout.in_box([[sc.boxes[i][0] / w, sc.boxes[i][1] / h, sc.boxes[i][2] / w,
+                                             sc.boxes[i][3] / h] for sc, i in zip(scenes, objs)]))
         colour = word_positions(model, ids, [sc.colours[i] for sc, i in zip(scenes, objs)], 0)
         item = word_positions(model, ids, [sc.items[i] for sc, i in zip(scenes, objs)], 0)
         if padded:
@@ -210,7 +207,8 @@ def shapes_factorizability(
     return out, *labels
 
 
-def _shape_prompts(model: "HookedVLM", scenes: Sequence[Any], objs: Sequence[int]) -> dict[str, Any]:
+def shapes_item_prompts(model: "HookedVLM", scenes: Sequence[Any], objs: Sequence[int]) -> dict[str, Any]:
+    """Model inputs asking "Which item does the <shape> contain ?" about object objs[i] of scenes[i]."""
     from hooked_vlm.organism import render
 
     return _encode(model, [render(s) for s in scenes], [_shape_query(s, s, i) for s, i in zip(scenes, objs)])
@@ -245,7 +243,7 @@ def shapes_binding_queries(model: "HookedVLM", scenes: Sequence[Any], order: str
     out = {}
     tok = model.tokenizer
     for k in (0, 1):
-        inputs = _shape_prompts(model, scenes, [slot_objects(s, order)[k] for s in scenes])
+        inputs = shapes_item_prompts(model, scenes, [slot_objects(s, order)[k] for s in scenes])
         slots = shapes_slots(model, inputs, scenes, order=order)
         item = [torch.tensor([tok.convert_tokens_to_ids(s.items[slot_objects(s, order)[j]]) for s in scenes])
                 for j in (0, 1)]
@@ -273,12 +271,12 @@ def shapes_mean_intervention(
     fit = [gen.scene() for _ in range(n_fit)]
     ev = [gen.scene() for _ in range(n_eval)]
     kinds = sorted({k for c in conditions for k in CONDITIONS[c]})
-    fit_in = _shape_prompts(model, fit, [slot_objects(s, order)[0] for s in fit])
+    fit_in = shapes_item_prompts(model, fit, [slot_objects(s, order)[0] for s in fit])
     fit_slots = shapes_slots(model, fit_in, fit, order=order)
     if estimator == "paired":
         rng = np.random.default_rng(seed + 7)
         partners = [paired_scene(s, rng, order) for s in fit]
-        part_in = _shape_prompts(model, partners, [slot_objects(s, order)[1] for s in partners])
+        part_in = shapes_item_prompts(model, partners, [slot_objects(s, order)[1] for s in partners])
         part_slots = shapes_slots(model, part_in, partners, order=order)
         deltas: dict[str, Any] = {k: SlotPairs(fit_in, fit_slots[k][0], part_in, part_slots[k][1]) for k in kinds}
     elif estimator == "pooled":
@@ -306,7 +304,7 @@ def shapes_position_swap(
 
     gen = ShapesGenerator(seed)
     scenes = [gen.scene() for _ in range(n)]
-    inputs = _shape_prompts(model, scenes, [slot_objects(s, order)[0] for s in scenes])
+    inputs = shapes_item_prompts(model, scenes, [slot_objects(s, order)[0] for s in scenes])
     slots = shapes_slots(model, inputs, scenes, order=order)[kind]
     tok = model.tokenizer
     ids = [torch.tensor([tok.convert_tokens_to_ids(s.items[slot_objects(s, order)[k]]) for s in scenes]) for k in (0, 1)]

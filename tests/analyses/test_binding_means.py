@@ -207,7 +207,7 @@ def test_shapes_padded_slots_are_the_papers(random_organism):
 def test_paired_scene_puts_the_same_entity_at_slot_1(random_organism, order):
     import numpy as np
 
-    from hooked_vlm.analyses.tasks import _shape_prompts, paired_scene, shapes_slots, slot_objects
+    from hooked_vlm.analyses.tasks import shapes_item_prompts, paired_scene, shapes_slots, slot_objects
     from hooked_vlm.organism import ShapesGenerator
 
     gen, rng = ShapesGenerator(3), np.random.default_rng(0)
@@ -221,8 +221,8 @@ def test_paired_scene_puts_the_same_entity_at_slot_1(random_organism, order):
         off = [(b[0] % 32, b[1] % 32) for b in (s.boxes[x], p.boxes[y])]
         assert off[0] == off[1]  # the same place inside its block: token j of the slot covers the same part
     model = random_organism
-    a = shapes_slots(model, _shape_prompts(model, scenes, [0] * 6), scenes, order=order)
-    b = shapes_slots(model, _shape_prompts(model, partners, [0] * 6), partners, order=order)
+    a = shapes_slots(model, shapes_item_prompts(model, scenes, [0] * 6), scenes, order=order)
+    b = shapes_slots(model, shapes_item_prompts(model, partners, [0] * 6), partners, order=order)
     assert a["object"][0].sum(1).tolist() == b["object"][1].sum(1).tolist() == [4] * 6
 
 
