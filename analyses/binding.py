@@ -7,13 +7,17 @@ block k). Every intervention edits the residual stream at ALL layers (default
 `blocks.{l}.hook_resid_pre` for every l), optionally with the context frozen (its residuals at every layer set
 to the unedited run's, so that only the query tokens are recomputed, as with a cached context).
 
-- `swap_slot` / `factorizability`: the slot's activations replaced by another context's (source) slot; read which
-  candidate answer the model gives -> matrix [query, answer].
+- `swap_slot` / `factorizability`: the slot's activations in the clean context replaced by another (corrupt)
+  context's slot; read which candidate answer the model gives -> matrix [query, answer]. `pad_slot` widens a
+  slot by the paper's extra token (item: the token before the letter; colour: the token after the colour word).
 - `rerotate_keys` / `position_swap`: the keys of a slot re-rotated by delta positions after RoPE
   (`hook_rot_k`), so the slot *looks* as if it sat elsewhere; M-RoPE families shift all 3 axes (or per-axis).
-- `binding_deltas` / `mean_intervention`: Delta = mean(slot 1) - mean(slot 0) per layer over many prompts;
-  slot 0 := clean + Delta, slot 1 := clean - Delta swaps their binding IDs; `random_deltas` is the same-norm
-  random control. Read the fraction of swapped answers with `metrics.Accuracy(swapped_answer)`.
+- `mean_intervention_protocol` (analyses/binding_means.py, re-exported here): the paper's mean interventions with
+  the paired, per-token Delta (`paired_deltas`): slot 0 := clean + Delta, slot 1 := clean - Delta at every layer,
+  context frozen; conditions O, C, I, O+I, O+C; questions about both objects; a scale sweep with the same-norm
+  random control (`random_deltas`) at every scale; rates as `toolkit.stats.Estimate`s.
+- `binding_deltas` / `mean_intervention`: the simplified option kept for comparison: ONE pooled Delta = mean(slot 1)
+  - mean(slot 0) per layer over unpaired prompts (content averaged out only in expectation, every token alike).
 
 Shapes organism helpers (`shapes_slots`, `shapes_factorizability`, ...) build the masks from `Sample.scene`.
 """
@@ -26,8 +30,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from .binding_means import (CONDITIONS, BindingQuery, MeanInterventionResult, SlotPairs, _or, add_deltas,
+                            mean_intervention_protocol, paired_deltas, per_token_delta, prompt_chunks, random_deltas,
+                            resid_names, run_with_resid, slot_activations, slot_tokens)
 from .metrics import final_logits
-from .toolkit import Metric, act_name, run_cached, transplant
+from .toolkit import Metric, act_name, check_pair, run_cached, transplant
 from hooked_vlm.components.rotary import apply_rotary
 
 if TYPE_CHECKING:
@@ -35,55 +42,58 @@ if TYPE_CHECKING:
 
 
 
-def resid_names(model: "HookedVLM", kind: str = "resid_pre") -> list[str]:
-    """`blocks.{l}.hook_{kind}` for every layer."""
-    return [act_name(kind, l) for l in range(model.cfg.n_layers)]
-
-
-@torch.no_grad()
-def run_with_resid(
-    model: "HookedVLM", inputs: dict[str, Any], targets: dict[str, Tensor], mask: Bool[Tensor, "batch pos"],
-    metric: Metric | None = None,
-) -> Tensor:
-    """Run with every hook in `targets` set to targets[name] [batch, pos, d] at the positions in mask."""
-
-    def hook(x: Tensor, hook: Any) -> Tensor:
-        m = mask.to(x.device)[..., None]
-        return torch.where(m, targets[hook.name].to(x.device, x.dtype), x)
-
-    with model.hooks(fwd_hooks=[(n, hook) for n in targets]):
-        logits = model(**inputs)
-    return logits if metric is None else metric(logits)
-
-
-def _or(*masks: Tensor | None) -> Tensor:
-    out = None
-    for m in masks:
-        if m is not None:
-            out = m.bool().cpu() if out is None else out | m.bool().cpu()
+# ----------------------------------------------------------------------------------- factorizability
+def pad_slot(slot: Bool[Tensor, "batch pos"], before: int = 0, after: int = 0,
+             attention_mask: Tensor | None = None) -> Bool[Tensor, "batch pos"]:
+    """The slot widened by `before` positions before and `after` positions after each of its tokens (2505.22200
+    pads the item slot with the token before the letter and the colour slot with the token after the colour word),
+    kept inside the real tokens of attention_mask."""
+    if before < 0 or after < 0:
+        raise ValueError(f"pad_slot: before and after are counts of positions >= 0, got {before}, {after}")
+    m = slot.bool().cpu()
+    out = m.clone()
+    for k in range(1, before + 1):
+        out[:, :-k] |= m[:, k:]
+    for k in range(1, after + 1):
+        out[:, k:] |= m[:, :-k]
+    if attention_mask is not None:
+        out &= attention_mask.bool().cpu()
     return out
 
 
-# ----------------------------------------------------------------------------------- factorizability
 @torch.no_grad()
 def swap_slot(
     model: "HookedVLM",
-    inputs: dict[str, Any],
-    source: dict[str, Any],
+    clean: dict[str, Any],
+    corrupt: dict[str, Any],
+    metric: Metric | None = None,
+    *,
     slot: Bool[Tensor, "batch pos"],
-    source_slot: Bool[Tensor, "batch pos2"] | None = None,
+    corrupt_slot: Bool[Tensor, "batch pos2"] | None = None,
     freeze: Bool[Tensor, "batch pos"] | None = None,
     hook_names: Sequence[str] | None = None,
-    metric: Metric | None = None,
+    batch_size: int | None = None,
+    corrupt_cache: dict[str, Tensor] | None = None,
 ) -> Tensor:
-    """Run `inputs` with the residuals at `slot` replaced, at every hook in hook_names (default all resid_pre),
-    by the `source` run's residuals at `source_slot` (same count per prompt). `freeze`: positions (the context)
-    held at the unedited run's values at every layer. Returns logits, or metric(logits)."""
+    """Run `clean` with the residuals at `slot` replaced, at every hook in hook_names (default all resid_pre), by
+    the `corrupt` run's residuals at `corrupt_slot` (default `slot`; the same count per prompt, taken in order).
+    `freeze`: positions (the context) held at the clean run's values at every layer. Returns logits, or
+    metric(logits), over chunks of batch_size prompts (None: all at once). corrupt_cache: the corrupt run's
+    activations at hook_names when the caller has them (only without chunks)."""
+    if clean["input_ids"].shape[0] != corrupt["input_ids"].shape[0]:
+        check_pair(clean, corrupt)  # names both batch sizes
     names = list(hook_names or resid_names(model))
-    _, clean = run_cached(model, inputs, names)
-    _, src = run_cached(model, source, names)
-    targets = {n: transplant(clean[n], src[n], slot, source_slot) for n in names}
-    return run_with_resid(model, inputs, targets, _or(slot, freeze), metric)
+    chunks = zip(prompt_chunks(model, clean, batch_size), prompt_chunks(model, corrupt, batch_size))
+    out = []
+    if corrupt_cache is not None and batch_size is not None:
+        raise ValueError("swap_slot: corrupt_cache holds the whole batch; pass it without batch_size")
+    for (i, j, c), (_, _, x) in chunks:
+        _, cl = run_cached(model, c, names)
+        src = corrupt_cache if corrupt_cache is not None else run_cached(model, x, names)[1]
+        cs = slot if corrupt_slot is None else corrupt_slot
+        targets = {n: transplant(cl[n], src[n], slot[i:j], cs[i:j]) for n in names}
+        out.append(run_with_resid(model, c, targets, _or(slot[i:j], None if freeze is None else freeze[i:j]), metric))
+    return torch.cat(out)
 
 
 def read_answers(logits: Tensor, answers: Int[Tensor, "n_answers batch"], attention_mask: Tensor | None = None,
@@ -107,23 +117,31 @@ def factorizability(
     model: "HookedVLM",
     queries: Sequence[dict[str, Any]],
     answers: Int[Tensor, "n_answers batch"],
-    source: dict[str, Any] | None = None,
+    corrupt: dict[str, Any] | None = None,
+    *,
     slots: Sequence[Tensor] | None = None,
-    source_slot: Tensor | None = None,
+    corrupt_slot: Tensor | None = None,
     freeze: Sequence[Tensor | None] | None = None,
     hook_names: Sequence[str] | None = None,
     readout: str = "choice",
+    batch_size: int | None = None,
 ) -> Float[Tensor, "n_queries n_answers"]:
-    """Factorizability matrix: for each query prompt batch (same contexts, different questions), the slot
-    `slots[i]` swapped with the source context's `source_slot` (all layers), then the mean `read_answers`
-    over prompts for each candidate answer. source=None gives the unedited matrix (the baseline)."""
+    """Factorizability matrix: for each query prompt batch (the clean contexts, each with its own question), the
+    slot `slots[i]` replaced by the `corrupt` context's `corrupt_slot` (all layers; see `swap_slot`), then the
+    mean `read_answers` over prompts for each candidate answer. corrupt=None gives the unedited matrix (the
+    baseline). To swap both slots, pass slot0 | slot1 as the slot and the corrupt context's union as corrupt_slot."""
+    if corrupt is not None and slots is None:
+        raise ValueError("factorizability: a corrupt context needs slots (one mask per query batch)")
     rows = []
+    names = list(hook_names or resid_names(model))
+    cache = run_cached(model, corrupt, names)[1] if corrupt is not None and batch_size is None else None
     for i, q in enumerate(queries):
-        if source is None:
+        if corrupt is None:
             logits = model(**q)
         else:
-            logits = swap_slot(model, q, source, slots[i], source_slot, None if freeze is None else freeze[i],
-                               hook_names)
+            logits = swap_slot(model, q, corrupt, slot=slots[i], corrupt_slot=corrupt_slot,
+                               freeze=None if freeze is None else freeze[i], hook_names=names,
+                               batch_size=batch_size, corrupt_cache=cache)
         rows.append(read_answers(logits, answers, q.get("attention_mask"), readout).mean(-1).cpu())
     return torch.stack(rows)
 
@@ -253,15 +271,10 @@ def slot_means(
 def binding_deltas(
     model: "HookedVLM", inputs: dict[str, Any], slot0: Tensor, slot1: Tensor, hook_names: Sequence[str] | None = None
 ) -> Float[Tensor, "n_hooks d_model"]:
-    """Delta = mean(slot 1) - mean(slot 0) per hook (the difference of binding IDs, content averaged out)."""
+    """The pooled option: Delta = mean(slot 1) - mean(slot 0) per hook over unpaired prompts (content averaged out
+    only in expectation; one vector for all the slot's tokens). The paper's estimator is `paired_deltas`."""
     m = slot_means(model, inputs, [slot0, slot1], hook_names)
     return m[1] - m[0]
-
-
-def random_deltas(delta: Float[Tensor, "n_hooks d_model"], seed: int = 0) -> Tensor:
-    """Random directions with the same norm as delta, per hook (the control)."""
-    r = torch.randn(delta.shape, generator=torch.Generator().manual_seed(seed))
-    return r / r.norm(dim=-1, keepdim=True) * delta.float().norm(dim=-1, keepdim=True)
 
 
 @torch.no_grad()
@@ -275,8 +288,9 @@ def mean_intervention(
     hook_names: Sequence[str] | None = None,
     freeze: Bool[Tensor, "batch pos"] | None = None,
 ) -> Tensor:
-    """Run with, at every hook, slot 0 := unedited + delta and slot 1 := unedited - delta (all their positions).
-    delta = 0 is the identity. Returns logits or metric(logits)."""
+    """Run with, at every hook, slot 0 := unedited + delta and slot 1 := unedited - delta (all their positions),
+    with one vector per hook (the pooled option; per-token Deltas: `add_deltas`). delta = 0 is the identity.
+    Returns logits or metric(logits)."""
     names = list(hook_names or resid_names(model))
     if len(delta) != len(names):
         raise ValueError(f"delta has {len(delta)} rows for {len(names)} hooks")

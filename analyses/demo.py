@@ -215,21 +215,26 @@ def heads_section(model: HookedVLM, report: Report, n: int, seed: int, scene_lay
 def binding_section(model: HookedVLM, report: Report, n: int, seed: int) -> dict[str, Any]:
     matrices, row_labels, col_labels = tasks.shapes_factorizability(model, n=min(n, 16), seed=seed)
     mean = tasks.shapes_mean_intervention(model, n_fit=min(n, 32), n_eval=min(n, 16), seed=seed)
-    rows = [dict(delta=k, swapped=v.get("swapped", float("nan")), kept=v.get("kept", float("nan")),
-                 random_control_swapped=v.get("random_swapped", float("nan"))) for k, v in mean.items()]
+    at1 = {c: r for (c, s, q), r in mean.rates.items() if q == "both" and s == 1}
+    claim = "; ".join(f"{c} {_fmt(r['swapped'])} vs random {_fmt(r['random_swapped'])}" for c, r in at1.items())
+    shown = {k: matrices[k] for k in ("none", "object slot 0", "colour slot 0", "item slot 0", "item slot 1",
+                                      "item both slots") if k in matrices}
     report.add("Binding IDs: factorizability and mean interventions",
-               "Factorizability (2505.22200): for pairs of contexts c, c', the residual stream of one slot (object = its "
-               "image tokens, colour word, item letter) of c is replaced by c'\'s at every layer with the rest of the "
-               "context frozen; rows ask about objects O0, O1, O'0, O'1, columns give the answer chosen. Mean "
-               "interventions add Delta = mean(slot 1) - mean(slot 0) to slot 0 and subtract it from slot 1 at every "
-               "layer; 'swapped' = fraction of answers that move to the other item, with a same-norm random Delta as "
-               "control; the rest of the context is frozen at its clean residuals, as in the paper. What this measured: "
-               "the pooled-mean Delta (one vector per slot, from unpaired prompts) does not "
-               "swap bindings at 1x on this organism, no more often than its random control; the paper's paired, "
-               "per-token Delta is not yet implemented here (issue 17), so this is not evidence "
-               "that the organism lacks binding IDs.",
-               fig=binding.plot_factorizability_grid(matrices, row_labels, col_labels), rows=rows)
-    return dict(factorizability={k: v for k, v in matrices.items()}, rows=row_labels, cols=col_labels, mean_intervention=mean)
+               "Factorizability (2505.22200): for pairs of contexts c, c', slot 0, slot 1 or both slots of one kind "
+               "(object = its image tokens; colour word + the token after it; the token before the item letter + the "
+               "letter, the paper's padding) of c are replaced by c'\'s at every layer, the rest of the context frozen; "
+               "rows ask the four questions (O0, O1, O'0, O'1), columns give the answer chosen (all nine matrices in "
+               "summary.json). Mean interventions, the paper's protocol: Delta from paired scenes (the same entity at "
+               "slot 0 of one scene and at slot 1 of another), one vector per layer and token of the slot; +s*Delta at "
+               "slot 0 and -s*Delta at slot 1 at every layer's resid_pre, image and context frozen; conditions O, C, I, "
+               "O+I, O+C; questions about both objects (pooled here; each in summary.json); scales 1x, 2x, 4x, each "
+               "against random vectors of the same norm; 95% Wilson intervals. What this measured: at 1x the paired "
+               f"per-token Delta swaps {claim} of the answers (n = questions).",
+               fig=binding.plot_factorizability_grid(shown, row_labels, col_labels),
+               rows=[dict({k: v for k, v in r.items() if k != "scale"}, condition=f"{r['condition']} {r['scale']}".strip())
+                     for r in mean.rows("both")])
+    return dict(factorizability={k: v for k, v in matrices.items()}, rows=row_labels, cols=col_labels,
+                mean_intervention=mean.to_dict(), delta_norm=mean.delta_norm)
 
 
 def spatial_section(model: HookedVLM, report: Report, n: int, seed: int, scene_layout: str = "fixed") -> dict[str, Any]:

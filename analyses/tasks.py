@@ -10,7 +10,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from .binding import binding_deltas, factorizability, mean_intervention, position_swap, random_deltas
+from .binding import (CONDITIONS, BindingQuery, MeanInterventionResult, SlotPairs, binding_deltas, factorizability,
+                      mean_intervention_protocol, pad_slot, position_swap)
 from .metrics import Accuracy, LogitDiff
 from .toolkit import word_positions
 
@@ -97,11 +98,14 @@ def slot_objects(scene: Any, order: str = "mention") -> tuple[int, int]:
 
 
 def shapes_slots(model: "HookedVLM", inputs: dict[str, Any], scenes: Sequence[Any], layout: Any = None,
-                 image_size: tuple[int, int] | None = None, order: str = "mention") -> dict[str, list[Tensor]]:
+                 image_size: tuple[int, int] | None = None, order: str = "mention",
+                 padded: bool = False) -> dict[str, list[Tensor]]:
     """{"object": [slot0, slot1], "colour": [...], "item": [...]} masks for Shapes prompts (one scene, or
     Sample, per prompt); slot k = the k-th entity the context mentions (order="mention") or the object in
     image block k (order="position"): its image tokens (patch centres inside scene.boxes, via layout.in_box),
-    its colour word and its item letter (first occurrences: in the context).
+    its colour word and its item letter (first occurrences: in the context). padded: 2505.22200's factorizability
+    slots, the item slot with the token before the letter ("item") and the colour slot with the token after the
+    colour word ("object").
     image_size: (width, height) in pixels, default the organism's."""
     from hooked_vlm.organism.shapes import IMAGE_SIZE
 
@@ -114,13 +118,15 @@ def shapes_slots(model: "HookedVLM", inputs: dict[str, Any], scenes: Sequence[An
     out: dict[str, list[Tensor]] = {"object": [], "colour": [], "item": []}
     for k in range(2):
         objs = [slot_objects(sc, order)[k] for sc in scenes]
-        obj = torch.zeros(layout.shape, dtype=torch.bool)
-        for bi, (sc, i) in enumerate(zip(scenes, objs)):
-            x0, y0, x1, y1 = sc.boxes[i]
-            obj[bi] = layout.in_box(x0 / w, y0 / h, x1 / w, y1 / h)[bi]
-        out["object"].append(obj)
-        out["colour"].append(word_positions(model, ids, [sc.colours[i] for sc, i in zip(scenes, objs)], 0))
-        out["item"].append(word_positions(model, ids, [sc.items[i] for sc, i in zip(scenes, objs)], 0))
+        out["object"].append(layout.in_box([[sc.boxes[i][0] / w, sc.boxes[i][1] / h, sc.boxes[i][2] / w,
+                                             sc.boxes[i][3] / h] for sc, i in zip(scenes, objs)]))
+        colour = word_positions(model, ids, [sc.colours[i] for sc, i in zip(scenes, objs)], 0)
+        item = word_positions(model, ids, [sc.items[i] for sc, i in zip(scenes, objs)], 0)
+        if padded:
+            mask = inputs.get("attention_mask")
+            colour, item = pad_slot(colour, after=1, attention_mask=mask), pad_slot(item, before=1, attention_mask=mask)
+        out["colour"].append(colour)
+        out["item"].append(item)
     return out
 
 
@@ -155,16 +161,26 @@ def _encode(model: "HookedVLM", images: list, texts: list[str]) -> dict[str, Any
     return dict(model.processor(images=images, text=texts, padding=True, return_tensors="pt"))
 
 
+SWAPS = ("slot 0", "slot 1", "both slots")
+
+
 @torch.no_grad()
 def shapes_factorizability(
     model: "HookedVLM", n: int = 32, seed: int = 0, kinds: Sequence[str] = ("object", "colour", "item"),
-    readout: str = "choice", frozen_context: bool = True,
+    readout: str = "choice", frozen_context: bool = True, swaps: Sequence[str] = SWAPS, padded: bool = True,
+    batch_size: int | None = None,
 ) -> tuple[dict[str, Tensor], list[str], list[str]]:
-    """Factorizability matrices on the Shapes organism: n scene pairs (c, c') with disjoint attributes; for each
-    slot kind, slot 0 of c swapped with slot 0 of c' at all layers. Rows: questions about O0, O1, O'0, O'1
-    (asked in context c); columns: answers I0, I1, I'0, I'1. Key "none" is the unedited matrix."""
+    """Factorizability matrices on the Shapes organism (2505.22200): n scene pairs (c, c') with disjoint attributes,
+    the same boxes and mention order; for each slot kind and swap ("slot 0", "slot 1", "both slots"), that slot of c
+    replaced by the same slot of c' at all layers, the context frozen (`frozen_context`), the item and colour slots
+    padded with the paper's extra token (`padded`). Rows: the four questions, about O0, O1, O'0, O'1 (asked in
+    context c); columns: answers I0, I1, I'0, I'1. Keys "{kind} {swap}" (e.g. "item slot 1") and "none" (the
+    unedited matrix)."""
     from hooked_vlm.organism import ShapesGenerator, render
 
+    bad = set(swaps) - set(SWAPS)
+    if bad:
+        raise ValueError(f"swaps must be among {SWAPS}, got {sorted(bad)}")
     gen = ShapesGenerator(seed)
     rng = np.random.default_rng(seed + 1)
     cs = [gen.scene() for _ in range(n)]
@@ -172,66 +188,106 @@ def shapes_factorizability(
     images = [render(c) for c in cs]
     tok = model.tokenizer
     # queries: about the k-th mentioned object of c, then of c'
-    queries, slot_sets = [], []
-    for sc_list, k in [(cs, 0), (cs, 1), (cps, 0), (cps, 1)]:
-        texts = [_shape_query(s, c, s.mention_order[k]) for s, c in zip(sc_list, cs)]
-        q = _encode(model, images, texts)
-        queries.append(q)
+    queries = [_encode(model, images, [_shape_query(s, c, s.mention_order[k]) for s, c in zip(sc_list, cs)])
+               for sc_list, k in [(cs, 0), (cs, 1), (cps, 0), (cps, 1)]]
     answers = torch.tensor([[tok.convert_tokens_to_ids(s.items[s.mention_order[k]]) for s in sc_list]
                             for sc_list, k in [(cs, 0), (cs, 1), (cps, 0), (cps, 1)]])
-    source = _encode(model, [render(c) for c in cps], [_shape_query(c, c, c.mention_order[0]) for c in cps])
-    src_slots = shapes_slots(model, source, cps)
-    out = {"none": factorizability(model, queries, answers, readout=readout)}
+    corrupt = _encode(model, [render(c) for c in cps], [_shape_query(c, c, c.mention_order[0]) for c in cps])
+    corrupt_slots = shapes_slots(model, corrupt, cps, padded=padded)
+    out = {"none": factorizability(model, queries, answers, readout=readout, batch_size=batch_size)}
+    query_slots = [shapes_slots(model, q, cs, padded=padded) for q in queries]
+    freeze = [shapes_context(model, q) for q in queries] if frozen_context else None
     for kind in kinds:
-        slots = [shapes_slots(model, q, cs)[kind][0] for q in queries]
-        freeze = [shapes_context(model, q) for q in queries] if frozen_context else None
-        out[kind] = factorizability(model, queries, answers, source, slots, src_slots[kind][0], freeze,
-                                    readout=readout)
+        for swap in swaps:
+            pick = {"slot 0": lambda m: m[0], "slot 1": lambda m: m[1], "both slots": lambda m: m[0] | m[1]}[swap]
+            out[f"{kind} {swap}"] = factorizability(
+                model, queries, answers, corrupt, slots=[pick(qs[kind]) for qs in query_slots],
+                corrupt_slot=pick(corrupt_slots[kind]), freeze=freeze, readout=readout, batch_size=batch_size)
     labels = ["O0", "O1", "O'0", "O'1"], ["I0", "I1", "I'0", "I'1"]
     return out, *labels
 
 
-def _shape_prompts(model: "HookedVLM", scenes: Sequence[Any], objs: Sequence[int]) -> dict[str, Any]:
+def shapes_item_prompts(model: "HookedVLM", scenes: Sequence[Any], objs: Sequence[int]) -> dict[str, Any]:
+    """Model inputs asking "Which item does the <shape> contain ?" about object objs[i] of scenes[i]."""
     from hooked_vlm.organism import render
 
     return _encode(model, [render(s) for s in scenes], [_shape_query(s, s, i) for s, i in zip(scenes, objs)])
 
 
+def paired_scene(scene: Any, rng: np.random.Generator, order: str = "mention") -> Any:
+    """The pair partner of `scene` for the paired Delta: its slot-0 entity X (shape, colour, item) at slot 1 of a new
+    scene, beside a fresh entity (attributes other than X's) at slot 0. order="mention": X mentioned second, in
+    its own box (its image tokens look the same); order="position": X moved to the other image block at the same
+    offset inside the block (token j of the slot covers the same part of X), mention order kept."""
+    from hooked_vlm.organism import COLOURS, ITEMS, SHAPES
+    from hooked_vlm.organism.shapes import BLOCK
+
+    x, y = slot_objects(scene, order)
+    fresh = [str(rng.choice([v for v in pool if v != own[x]])) for pool, own in
+             ((SHAPES, scene.shapes), (COLOURS, scene.colours), (ITEMS, scene.items))]
+    attrs = [list(t) for t in (scene.shapes, scene.colours, scene.items)]
+    for a, v in zip(attrs, fresh):
+        a[y] = v
+    if order == "mention":
+        return replace(scene, shapes=tuple(attrs[0]), colours=tuple(attrs[1]), items=tuple(attrs[2]),
+                       mention_order=(y, x))
+    shift = [BLOCK if scene.slots[i] == 0 else -BLOCK for i in range(2)]  # each object to the other block
+    boxes = tuple(tuple(v + shift[i] for v in scene.boxes[i]) for i in range(2))
+    return replace(scene, shapes=tuple(attrs[0]), colours=tuple(attrs[1]), items=tuple(attrs[2]), boxes=boxes)
+
+
+def shapes_binding_queries(model: "HookedVLM", scenes: Sequence[Any], order: str = "mention",
+                           frozen_context: bool = True) -> dict[str, BindingQuery]:
+    """Questions about the slot-0 and the slot-1 object of each scene ("Which item does the <shape> contain ?"),
+    with every kind's slot masks, the kept answer (the queried object's item) and the swapped one (the other's)."""
+    out = {}
+    tok = model.tokenizer
+    for k in (0, 1):
+        inputs = shapes_item_prompts(model, scenes, [slot_objects(s, order)[k] for s in scenes])
+        slots = shapes_slots(model, inputs, scenes, order=order)
+        item = [torch.tensor([tok.convert_tokens_to_ids(s.items[slot_objects(s, order)[j]]) for s in scenes])
+                for j in (0, 1)]
+        out[f"slot {k}"] = BindingQuery(inputs, {kind: (m[0], m[1]) for kind, m in slots.items()}, item[k],
+                                        item[1 - k], shapes_context(model, inputs) if frozen_context else None)
+    return out
+
+
 @torch.no_grad()
 def shapes_mean_intervention(
-    model: "HookedVLM", kinds: Sequence[str] = ("object", "colour", "item"), n_fit: int = 64, n_eval: int = 32,
-    seed: int = 0, order: str = "mention", frozen_context: bool = True, control_seed: int = 0,
-) -> dict[str, dict[str, float]]:
-    """Mean interventions on Shapes: Delta_kind = mean(slot 1) - mean(slot 0) per layer over n_fit prompts; on
-    n_eval other prompts asking about the slot-0 object (answer I0), slot 0 += Delta and slot 1 -= Delta at
-    every layer, with the context (image and context sentences) held at its clean residuals (`frozen_context`, the
-    paper's protocol). Returns {kind: {"swapped": fraction answering I1, "kept": fraction answering I0,
-    "random_swapped": the same with a same-norm random Delta}} plus "none" (no intervention). Still pooled: one
-    Delta per layer from unpaired prompts, not the paper's paired per-token estimator."""
+    model: "HookedVLM", conditions: Sequence[str] = ("O", "C", "I", "O+I", "O+C"), n_fit: int = 64,
+    n_eval: int = 64, seed: int = 0, order: str = "mention", frozen_context: bool = True,
+    scales: Sequence[float | int] = (1, 2, 4), control_seed: int = 0, n_random: int = 1, estimator: str = "paired",
+    batch_size: int | None = None,
+) -> MeanInterventionResult:
+    """Mean interventions on Shapes as 2505.22200 ran them (see `binding.mean_intervention_protocol`): per slot kind,
+    Delta from n_fit paired scenes (`paired_scene`: the same entity at slot 0 of one and slot 1 of the other), per
+    layer and token; on n_eval other scenes, questions about the slot-0 and the slot-1 object, slot 0 += s * Delta
+    and slot 1 -= s * Delta at every layer's resid_pre for each condition's kinds, the image and context sentences
+    frozen at their clean residuals; the same-norm random control at every scale. estimator="pooled" is the
+    simplified option: one Delta per layer, mean(slot 1) - mean(slot 0) over the n_fit unpaired scenes."""
     from hooked_vlm.organism import ShapesGenerator
 
     gen = ShapesGenerator(seed)
     fit = [gen.scene() for _ in range(n_fit)]
     ev = [gen.scene() for _ in range(n_eval)]
-    fit_in = _shape_prompts(model, fit, [slot_objects(s, order)[0] for s in fit])
-    ev_in = _shape_prompts(model, ev, [slot_objects(s, order)[0] for s in ev])
-    fit_slots, ev_slots = shapes_slots(model, fit_in, fit, order=order), shapes_slots(model, ev_in, ev, order=order)
-    tok = model.tokenizer
-    ids = [torch.tensor([tok.convert_tokens_to_ids(s.items[slot_objects(s, order)[k]]) for s in ev]) for k in (0, 1)]
-    mask = ev_in.get("attention_mask")
-    kept, swapped = Accuracy(ids[0], mask), Accuracy(ids[1], mask)
-    freeze = shapes_context(model, ev_in) if frozen_context else None
-    logits = model(**ev_in)
-    out = {"none": {"swapped": float(swapped(logits).mean()), "kept": float(kept(logits).mean())}}
-    for kind in kinds:
-        delta = binding_deltas(model, fit_in, fit_slots[kind][0], fit_slots[kind][1])
-        res = {}
-        for name, d in (("", delta), ("random_", random_deltas(delta, control_seed))):
-            logits = mean_intervention(model, ev_in, ev_slots[kind][0], ev_slots[kind][1], d, freeze=freeze)
-            res[name + "swapped"] = float(swapped(logits).mean())
-            res[name + "kept"] = float(kept(logits).mean())
-        out[kind] = res
-    return out
+    kinds = sorted({k for c in conditions for k in CONDITIONS[c]})
+    fit_in = shapes_item_prompts(model, fit, [slot_objects(s, order)[0] for s in fit])
+    fit_slots = shapes_slots(model, fit_in, fit, order=order)
+    if estimator == "paired":
+        rng = np.random.default_rng(seed + 7)
+        partners = [paired_scene(s, rng, order) for s in fit]
+        part_in = shapes_item_prompts(model, partners, [slot_objects(s, order)[1] for s in partners])
+        part_slots = shapes_slots(model, part_in, partners, order=order)
+        deltas: dict[str, Any] = {k: SlotPairs(fit_in, fit_slots[k][0], part_in, part_slots[k][1]) for k in kinds}
+    elif estimator == "pooled":
+        deltas = {k: binding_deltas(model, fit_in, fit_slots[k][0], fit_slots[k][1]) for k in kinds}
+    else:
+        raise ValueError(f"estimator must be 'paired' or 'pooled', got {estimator!r}")
+    res = mean_intervention_protocol(model, deltas, shapes_binding_queries(model, ev, order, frozen_context),
+                                     conditions=conditions, scales=scales, n_random=n_random,
+                                     control_seed=control_seed, batch_size=batch_size)
+    res.estimator = estimator
+    return res
 
 
 @torch.no_grad()
@@ -248,7 +304,7 @@ def shapes_position_swap(
 
     gen = ShapesGenerator(seed)
     scenes = [gen.scene() for _ in range(n)]
-    inputs = _shape_prompts(model, scenes, [slot_objects(s, order)[0] for s in scenes])
+    inputs = shapes_item_prompts(model, scenes, [slot_objects(s, order)[0] for s in scenes])
     slots = shapes_slots(model, inputs, scenes, order=order)[kind]
     tok = model.tokenizer
     ids = [torch.tensor([tok.convert_tokens_to_ids(s.items[slot_objects(s, order)[k]]) for s in scenes]) for k in (0, 1)]

@@ -44,9 +44,9 @@ def test_mean_intervention_with_zero_delta_is_identity(setup):
 
 def test_swapping_a_slot_with_itself_changes_nothing(setup):
     model, inputs, layout, s0, _, obj, base = setup
-    torch.testing.assert_close(swap_slot(model, inputs, inputs, obj), base, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(swap_slot(model, inputs, inputs, slot=obj), base, atol=1e-5, rtol=1e-5)
     ctx = ~layout.final_token() & layout.attention_mask.bool()
-    torch.testing.assert_close(swap_slot(model, inputs, inputs, s0, freeze=ctx), base, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(swap_slot(model, inputs, inputs, slot=s0, freeze=ctx), base, atol=1e-5, rtol=1e-5)
 
 
 def pos_before(mask):
@@ -57,11 +57,11 @@ def test_swap_from_another_context_takes_effect_and_freezing_holds_the_context(s
     model, inputs, layout, s0, _, obj, base = setup
     other = dict(inputs, pixel_values=torch.randn_like(inputs["pixel_values"]))
     names = resid_names(model)
-    out = swap_slot(model, inputs, other, obj)
+    out = swap_slot(model, inputs, other, slot=obj)
     assert (out - base).abs().max() > 1e-3
     # freezing the rest of the prompt changes what the final token sees (the context is not recomputed)
     ctx = ~layout.final_token() & layout.attention_mask.bool()
-    frozen = swap_slot(model, inputs, other, obj, freeze=ctx)
+    frozen = swap_slot(model, inputs, other, slot=obj, freeze=ctx)
     first = (layout.attention_mask.bool() & ~ctx.cumsum(1).bool()) | (pos_before(obj))
     torch.testing.assert_close(frozen[first], base[first], atol=1e-5, rtol=1e-5)  # causal: nothing before the slot moves
     fin = layout.final_token()
@@ -159,7 +159,7 @@ def test_read_answers_and_factorizability_baseline(setup):
     m0 = factorizability(model, [inputs, inputs], answers)
     assert m0.shape == (2, 3)
     torch.testing.assert_close(m0.sum(1), torch.ones(2))
-    same = factorizability(model, [inputs], answers, inputs, [obj], obj, readout="logit")
+    same = factorizability(model, [inputs], answers, inputs, slots=[obj], corrupt_slot=obj, readout="logit")
     torch.testing.assert_close(same, factorizability(model, [inputs], answers, readout="logit"), atol=1e-4, rtol=1e-4)
 
 
@@ -209,7 +209,8 @@ def test_shapes_slots_find_objects_words_and_context(random_organism):
 
 def test_shapes_factorizability_runs_on_a_random_organism(random_organism):
     out, rows, cols = shapes_factorizability(random_organism, n=3, kinds=("item",))
-    assert set(out) == {"none", "item"} and rows == ["O0", "O1", "O'0", "O'1"] and len(cols) == 4
+    assert set(out) == {"none", "item slot 0", "item slot 1", "item both slots"}
+    assert rows == ["O0", "O1", "O'0", "O'1"] and len(cols) == 4
     for m in out.values():
         assert m.shape == (4, 4)
         torch.testing.assert_close(m.sum(1), torch.ones(4))
@@ -226,14 +227,18 @@ def organism():
 
 @needs_organism
 def test_organism_factorizability(organism):
-    """Context c, second context c' with disjoint attributes; slot 0 of c swapped with c''s at all layers, context
-    frozen. The colour word's residual carries no binding (nothing changes: the item tokens gathered their
-    colour in layer 0, and the frozen context keeps that); the item slot carries it (questions about O0 no
-    longer get I0); O1's binding is untouched throughout."""
+    """Context c, second context c' with disjoint attributes; slot 0, slot 1 or both of c swapped with c''s at all
+    layers (item / colour slots padded as in the paper), context frozen. The colour slot carries no binding
+    (nothing changes: the item tokens gathered their colour in layer 0, and the frozen context keeps that); the
+    item slot carries it (questions about the swapped slot's object no longer get its item); the other slot's
+    binding is untouched."""
     out, rows, cols = shapes_factorizability(organism, n=12, kinds=("colour", "item"))
     assert out["none"][0, 0] == 1.0 and out["none"][1, 1] == 1.0
-    torch.testing.assert_close(out["colour"], out["none"])
-    assert out["item"][0, 0] < 0.3 and out["item"][1, 1] == 1.0
+    for swap in ("slot 0", "slot 1", "both slots"):
+        torch.testing.assert_close(out[f"colour {swap}"], out["none"])
+    assert out["item slot 0"][0, 0] < 0.3 and out["item slot 0"][1, 1] == 1.0
+    assert out["item slot 1"][1, 1] < 0.3 and out["item slot 1"][0, 0] == 1.0
+    assert out["item both slots"][0, 0] < 0.3 and out["item both slots"][1, 1] < 0.3
 
 
 @needs_organism
@@ -250,11 +255,16 @@ def test_organism_position_independence(organism):
 
 @needs_organism
 def test_organism_mean_interventions_do_not_swap(organism):
-    """Delta_O / Delta_C / Delta_I (slot-1 minus slot-0 means) swap no answers, like the same-norm random
-    control: the organism binds an item to an object by content (the colour gathered into the item token),
-    not by binding-ID vectors. (The object slots' image tokens precede the text, so with mention-order slots
-    Delta_O is sampling noise.)"""
-    out = shapes_mean_intervention(organism, n_fit=32, n_eval=16)
-    assert out["none"]["kept"] == 1.0
-    for kind in ("object", "colour", "item"):
-        assert out[kind]["swapped"] <= 0.1 and out[kind]["random_swapped"] <= 0.1 and out[kind]["kept"] >= 0.9
+    """The paired, per-token Delta (O, C, I, O+I, O+C; 1x and 4x) swaps no answers about either object, like the
+    same-norm random control: what this measures is that these Deltas, added at every layer with the context
+    frozen, do not move the organism's answers. (The object slots' image tokens precede the text, so with
+    mention-order slots Delta_O holds only the other object's image difference.) The pooled option agrees."""
+    out = shapes_mean_intervention(organism, n_fit=16, n_eval=16, scales=(1, 4))
+    assert out.baseline["both"]["kept"].value == 1.0 and out.baseline["both"]["kept"].n == 32
+    for cond in ("O", "C", "I", "O+I", "O+C"):
+        for scale in (1, 4):
+            r = out.get(cond, scale)
+            assert r["swapped"].value <= 0.1 and r["random_swapped"].value <= 0.1 and r["kept"].value >= 0.9
+    assert out.delta_norm["item"][0] == 0.0 and out.delta_norm["colour"][0] == 0.0  # same word, same embedding
+    pooled = shapes_mean_intervention(organism, conditions=("I",), n_fit=16, n_eval=8, scales=(1,), estimator="pooled")
+    assert pooled.estimator == "pooled" and pooled.get("I", 1)["swapped"].value <= 0.1

@@ -22,6 +22,11 @@ def test_demo_runs_and_reports(organism, tmp_path):
     # every rate carries its interval and sample size (issue 17)
     for r in [*summary["accuracy"]["heldout"].values(), *summary["counterfactuals"].values(), *summary["narrow_gate"]["knockout"]]:
         assert set(r) >= {"value", "ci_low", "ci_high", "n"} and r["ci_low"] <= r["value"] <= r["ci_high"]
+    means = summary["binding"]["mean_intervention"]  # the paired per-token Delta, both questions, every scale
+    for scale in ("1x", "2x", "4x"):
+        r = means["O+I"][scale]["both"]
+        assert set(r) == {"swapped", "kept", "random_swapped", "random_kept"}
+        assert all(set(e) == {"value", "ci_low", "ci_high", "n"} for e in r.values())
     gate = summary["narrow_gate"]
     assert all("control" in r for r in gate["knockout"])  # the text-only control beside every knockout
     assert {r["renormalize"] for r in gate["knockout"]} == {False, True}
