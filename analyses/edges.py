@@ -74,6 +74,7 @@ from .toolkit.metric import as_float, metric_values
 from .edge_graph import (Edge, EdgeGraph, _image_mask, _is_edge, _is_vision, _no_tower_run, deepstack_layers,
                          node_activations, node_names, receiver_names)
 from .edge_patching import _edge_hooks
+from .edge_ig import adaptive_eap_ig, graph_completeness, prompt_sums, vision_prompt_index
 
 if TYPE_CHECKING:
     from hooked_vlm import HookedVLM
@@ -180,6 +181,14 @@ def eap(
     scores = as_float(torch.einsum(eq, diff, grad.to(diff.dtype)))
     valid = torch.tensor([[_is_edge(u, v, n) for v in drecv] for u in dnodes])
     scores = scores.masked_fill(~valid.view(*valid.shape, *[1] * (scores.ndim - 2)), float("nan"))
+    vis_input = None
+    if image_path:  # the tower's input row per prompt where images map to prompts, for the completeness check
+        vidx = vision_prompt_index(model, clean, acts_c["V.embed"])
+        d0 = (acts_x["V.embed"] - acts_c["V.embed"]).flatten(0, 1)
+        g0 = torch.stack([grads[v].flatten(0, 1) for v in vrecv]).to(d0.dtype)
+        vis_input = (prompt_sums(as_float(torch.einsum("nd,vnd->vn", d0, g0)), vidx, clean_v.shape[0])
+                     if vidx is not None else as_float(torch.einsum("nd,vnd->v", d0, g0)))[None]
+    comp = graph_completeness(nodes, recv, scores, vis_input, clean_v, corrupt_v, image_path)
     if not per_prompt:
         scores, clean_v, corrupt_v = scores.mean(2), clean_v.mean(), corrupt_v.mean()
     if image_path:  # per_prompt / per_position are off: scores [U_dec, V_dec]
@@ -191,10 +200,19 @@ def eap(
         full[: len(vnodes), : len(vrecv)] = vscores.to(scores.dtype).masked_fill(~vvalid, float("nan"))
         full[len(vnodes) :, len(vrecv) :] = scores
         scores = full
-    return EdgeGraph(scores, nodes, recv, clean_v, corrupt_v, method, per_position=per_position)
+    return EdgeGraph(scores, nodes, recv, clean_v, corrupt_v, method, per_position=per_position, completeness=comp,
+                     steps=ig_steps)
 
 
 def eap_ig(model: "HookedVLM", clean: dict[str, Any], corrupt: dict[str, Any], metric: Metric,
-           steps: int = 5, **kwargs: Any) -> EdgeGraph:
-    """EAP-IG with `steps` interpolation steps (steps=1 is EAP)."""
+           steps: int | str = "auto", *, tol: float = 0.05, max_steps: int = 64, start: int = 5,
+           **kwargs: Any) -> EdgeGraph:
+    """EAP-IG. ``steps="auto"`` (default): each prompt's grid is refined until the completeness error is under
+    `tol` (default 5%), from a uniform grid of `start` intervals to at most `max_steps` points per prompt, with the
+    trapezoid rule; warns when the bound is not reached (`analyses.edge_ig`). ``steps=m``: the fixed left Riemann
+    sum of m points (m = 1 is EAP). Either way the graph carries `completeness` and `steps`."""
+    if steps == "auto":
+        return adaptive_eap_ig(model, clean, corrupt, metric, tol=tol, max_steps=max_steps, start=start, **kwargs)
+    if isinstance(steps, str) or not isinstance(steps, int):
+        raise ValueError(f"steps must be 'auto' or a positive int, got {steps!r}")
     return eap(model, clean, corrupt, metric, ig_steps=steps, **kwargs)
