@@ -53,6 +53,11 @@ computes exactly by edge patching (`patch_edges`): v's input becomes its current
 ``a_u(source) - a_u(current)`` for every ablated edge u -> v. In a model that is linear from ``hook_embed`` to
 the metric (MLPs zeroed, attention patterns and norm scales frozen) EAP equals the exact effects (tested).
 
+Completeness: every graph carries `completeness` (`analyses.completeness`): the input edges' scores (a cut of the
+graph) summed against the exact M(corrupt) - M(clean). ``eap_ig(steps="auto")`` (the default) refines each
+prompt's interpolation grid until that error is under `tol` (`analyses.edge_ig`); ``steps=m`` keeps the fixed
+left Riemann sum.
+
 `prune` keeps the top-n edges by |score|; `faithfulness` runs the clean input with every OTHER edge ablated
 (counterfactual: the corrupt run's a_u; mean: a_u averaged over the leading axis of the clean run: over prompts
 per position, for vision nodes over images / crops per patch, so for Qwen's packed [1, patches, d] tower a no-op).
@@ -132,7 +137,8 @@ def eap(
     ``per_prompt``: a trailing batch axis. ``per_position``: a trailing position axis (decoder positions; the
     scores sum over it to the ordinary ones). ``image_path``: add the vision tower's nodes and receivers; its
     edges' scores are summed over the whole batch / B (images and crops do not map to prompts one to one in
-    every family), so ``image_path`` with ``per_prompt`` or ``per_position`` raises ValueError."""
+    every family), so ``image_path`` with ``per_prompt`` or ``per_position`` raises ValueError.
+    The graph's `completeness` compares the input edges' summed scores with M(corrupt) - M(clean)."""
     if image_path and (per_prompt or per_position):
         raise ValueError("image_path=True gives batch-mean scores only: vision activations do not map to prompts "
                          "(nor to decoder positions) one to one in every family, so per_prompt / per_position "

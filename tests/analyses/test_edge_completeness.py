@@ -178,3 +178,16 @@ def test_deepstack_inputs_are_part_of_the_cut():
     auto = eap_ig(model, clean, far, metric, tol=0.01, max_steps=100)
     assert float(auto.completeness.error()) <= 0.01
     torch.testing.assert_close(auto.completeness.estimate.mean(), _input_sum(auto), **TOL)
+
+
+def test_adaptive_per_position_and_per_prompt_agree(setup):
+    """The adaptive grid is deterministic: per-position scores (a second pass over the final grid) sum to the
+    plain scores, and per-prompt scores average to them."""
+    model, clean, corrupt, metric = setup
+    plain = eap_ig(model, clean, corrupt, metric, tol=0.01)
+    by_pos = eap_ig(model, clean, corrupt, metric, tol=0.01, per_position=True)
+    by_prompt = eap_ig(model, clean, corrupt, metric, tol=0.01, per_prompt=True)
+    assert plain.steps == by_pos.steps == by_prompt.steps > 6
+    torch.testing.assert_close(by_pos.scores.sum(-1), plain.scores, equal_nan=True, **TOL)
+    torch.testing.assert_close(by_prompt.scores.mean(-1), plain.scores, equal_nan=True, **TOL)
+    torch.testing.assert_close(by_pos.completeness.estimate, plain.completeness.estimate, **TOL)
