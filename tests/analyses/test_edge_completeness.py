@@ -101,7 +101,7 @@ def test_completeness_of_fixed_steps_and_adaptive_bound(setup):
     fixed = eap_ig(model, clean, corrupt, metric, steps=2, per_prompt=True)
     assert fixed.steps == 2
     torch.testing.assert_close(fixed.completeness.estimate, _input_sum(fixed), **TOL)
-    tol = 1e-3
+    tol = 1e-2
     start_err = float(eap_ig(model, clean, corrupt, metric, tol=1.0).completeness.error())
     assert start_err > tol  # the first grid is not enough: the loop has to refine
     with warnings.catch_warnings(record=True) as caught:
@@ -184,9 +184,9 @@ def test_adaptive_per_position_and_per_prompt_agree(setup):
     """The adaptive grid is deterministic: per-position scores (a second pass over the final grid) sum to the
     plain scores, and per-prompt scores average to them."""
     model, clean, corrupt, metric = setup
-    plain = eap_ig(model, clean, corrupt, metric, tol=0.01)
-    by_pos = eap_ig(model, clean, corrupt, metric, tol=0.01, per_position=True)
-    by_prompt = eap_ig(model, clean, corrupt, metric, tol=0.01, per_prompt=True)
+    plain = eap_ig(model, clean, corrupt, metric, tol=0.05)
+    by_pos = eap_ig(model, clean, corrupt, metric, tol=0.05, per_position=True)
+    by_prompt = eap_ig(model, clean, corrupt, metric, tol=0.05, per_prompt=True)
     assert plain.steps == by_pos.steps == by_prompt.steps > 6
     torch.testing.assert_close(by_pos.scores.sum(-1), plain.scores, equal_nan=True, **TOL)
     torch.testing.assert_close(by_prompt.scores.mean(-1), plain.scores, equal_nan=True, **TOL)
