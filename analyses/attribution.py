@@ -28,6 +28,7 @@ from .toolkit.hooks import HEAD_FIRST, HEAD_THIRD, check_hook, frozen_parameters
 from .toolkit.metric import as_float, check_metric_output, metric_values
 from .toolkit.inputs import DIRECTIONS
 from .toolkit import Metric
+from .completeness import Completeness
 
 if TYPE_CHECKING:
     from hooked_vlm import HookedVLM
@@ -44,6 +45,10 @@ class AttributionResult:
             "projector.hook_out"): [pos]. With ``per_prompt`` a trailing batch axis is added, else prompts are
             averaged.
     clean, corrupt: metric baselines (scalars, or [batch] per prompt).
+    completeness: {kind: Completeness} for the decoder's residual-stream kinds (resid_pre / resid_mid /
+            resid_post): each layer's residual is a cut, so its scores summed over positions estimate the whole
+            clean-corrupt gap (clean - corrupt denoising, corrupt - clean noising); estimate and total [layer, batch]
+            (NaN on DeepStack models at layers before the last image addition). See `analyses.completeness`.
     """
 
     scores: dict[str, Tensor]
@@ -51,6 +56,7 @@ class AttributionResult:
     corrupt: Tensor
     direction: str
     labels: dict[str, Any] = field(default_factory=dict)
+    completeness: dict[str, Completeness] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Tensor:
         return self.scores[key]
@@ -153,6 +159,7 @@ def attribution_patching(
     clean, corrupt = (base_metric, grad_metric) if direction == "denoise" else (grad_metric, base_metric)
 
     scores: dict[str, Tensor] = {}
+    completeness: dict[str, Completeness] = {}
     for kind, names in kinds.items():
         per_layer = []
         head = _leaf(names[0]) in HEAD_THIRD
@@ -180,6 +187,11 @@ def attribution_patching(
             pairs = {kind: summed, f"{kind}_by_pos": by_pos}
         else:
             pairs = {kind: stacked.permute(0, 2, 1)}  # [layer, pos, batch]
+            cut = _residual_cut(model, names)
+            if cut is not None:
+                est = stacked.sum(2).masked_fill(~cut[:, None], float("nan"))  # [layer, batch]
+                gap = (clean - corrupt) if direction == "denoise" else (corrupt - clean)
+                completeness[kind] = Completeness(est, gap.expand_as(est).masked_fill(~cut[:, None], float("nan")))
         for key, value in pairs.items():
             if len(names) == 1 and "{layer}" not in hook_template(kind):
                 value = value[0]
@@ -187,7 +199,23 @@ def attribution_patching(
     if not per_prompt:
         clean, corrupt = clean.mean(), corrupt.mean()
     labels = {kind: names for kind, names in kinds.items()}
-    return AttributionResult(scores, clean, corrupt, direction, labels)
+    return AttributionResult(scores, clean, corrupt, direction, labels, completeness)
+
+
+def _residual_cut(model: "HookedVLM", names: list[str]) -> Tensor | None:
+    """For decoder residual hooks ``blocks.{l}.hook_resid_*``: [layer] bool, True where the residual is a cut of the
+    model (every later input is downstream of it: on DeepStack models only after the last image addition, which
+    enters before ``hook_resid_post`` of its layer); None for other hooks."""
+    last = max(model.cfg.deepstack_layers, default=-1)
+    out = []
+    for name in names:
+        parts = name.split(".")
+        if len(parts) != 3 or parts[0] != "blocks" or parts[2] not in ("hook_resid_pre", "hook_resid_mid",
+                                                                       "hook_resid_post"):
+            return None
+        layer = int(parts[1])
+        out.append(layer >= last if parts[2] == "hook_resid_post" else layer > last)
+    return torch.tensor(out)
 
 
 def plot_attribution(result: AttributionResult, key: str, layout: Any = None, **kwargs: Any):

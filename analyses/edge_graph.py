@@ -12,6 +12,7 @@ from torch import Tensor
 
 from hooked_vlm.vision.vit import ViTTower, hidden_state_index
 from .toolkit import act_name
+from .completeness import Completeness
 
 if TYPE_CHECKING:
     from hooked_vlm import HookedVLM
@@ -203,7 +204,10 @@ class EdgeGraph:
 
     scores: [n_nodes, n_receivers] (NaN where no edge exists); with ``per_prompt`` a trailing batch axis, with
     ``per_position`` then a trailing position axis ([n_nodes, n_receivers, (batch,) pos]).
-    nodes, receivers: the axis labels. clean, corrupt: metric baselines. method: "EAP" or "EAP-IG(m)".
+    nodes, receivers: the axis labels. clean, corrupt: metric baselines. method: "EAP", "EAP-IG(m)" or
+    "EAP-IG(adaptive, m points)".
+    completeness: the input edges' scores summed against the exact total effect (`analyses.completeness`).
+    steps: gradient points per prompt (None for EAP).
     `edges` / `node_scores` sum the position axis and average the prompt axis.
     """
 
@@ -215,6 +219,8 @@ class EdgeGraph:
     method: str
     labels: dict[str, Any] = field(default_factory=dict)
     per_position: bool = False
+    completeness: "Completeness | None" = None
+    steps: int | None = None
 
     def score(self, u: str, v: str) -> Tensor:
         return self.scores[self.nodes.index(u), self.receivers.index(v)]

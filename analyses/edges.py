@@ -53,6 +53,11 @@ computes exactly by edge patching (`patch_edges`): v's input becomes its current
 ``a_u(source) - a_u(current)`` for every ablated edge u -> v. In a model that is linear from ``hook_embed`` to
 the metric (MLPs zeroed, attention patterns and norm scales frozen) EAP equals the exact effects (tested).
 
+Completeness: every graph carries `completeness` (`analyses.completeness`): the input edges' scores (a cut of the
+graph) summed against the exact M(corrupt) - M(clean). ``eap_ig(steps="auto")`` (the default) refines each
+prompt's interpolation grid until that error is under `tol` (`analyses.edge_ig`); ``steps=m`` keeps the fixed
+left Riemann sum.
+
 `prune` keeps the top-n edges by |score|; `faithfulness` runs the clean input with every OTHER edge ablated
 (counterfactual: the corrupt run's a_u; mean: a_u averaged over the leading axis of the clean run: over prompts
 per position, for vision nodes over images / crops per patch, so for Qwen's packed [1, patches, d] tower a no-op).
@@ -74,6 +79,7 @@ from .toolkit.metric import as_float, metric_values
 from .edge_graph import (Edge, EdgeGraph, _image_mask, _is_edge, _is_vision, _no_tower_run, deepstack_layers,
                          node_activations, node_names, receiver_names)
 from .edge_patching import _edge_hooks
+from .edge_ig import adaptive_eap_ig, graph_completeness, prompt_sums, vision_prompt_index
 
 if TYPE_CHECKING:
     from hooked_vlm import HookedVLM
@@ -131,7 +137,8 @@ def eap(
     ``per_prompt``: a trailing batch axis. ``per_position``: a trailing position axis (decoder positions; the
     scores sum over it to the ordinary ones). ``image_path``: add the vision tower's nodes and receivers; its
     edges' scores are summed over the whole batch / B (images and crops do not map to prompts one to one in
-    every family), so ``image_path`` with ``per_prompt`` or ``per_position`` raises ValueError."""
+    every family), so ``image_path`` with ``per_prompt`` or ``per_position`` raises ValueError.
+    The graph's `completeness` compares the input edges' summed scores with M(corrupt) - M(clean)."""
     if image_path and (per_prompt or per_position):
         raise ValueError("image_path=True gives batch-mean scores only: vision activations do not map to prompts "
                          "(nor to decoder positions) one to one in every family, so per_prompt / per_position "
@@ -180,6 +187,14 @@ def eap(
     scores = as_float(torch.einsum(eq, diff, grad.to(diff.dtype)))
     valid = torch.tensor([[_is_edge(u, v, n) for v in drecv] for u in dnodes])
     scores = scores.masked_fill(~valid.view(*valid.shape, *[1] * (scores.ndim - 2)), float("nan"))
+    vis_input = None
+    if image_path:  # the tower's input row per prompt where images map to prompts, for the completeness check
+        vidx = vision_prompt_index(model, clean, acts_c["V.embed"])
+        d0 = (acts_x["V.embed"] - acts_c["V.embed"]).flatten(0, 1)
+        g0 = torch.stack([grads[v].flatten(0, 1) for v in vrecv]).to(d0.dtype)
+        vis_input = (prompt_sums(as_float(torch.einsum("nd,vnd->vn", d0, g0)), vidx, clean_v.shape[0])
+                     if vidx is not None else as_float(torch.einsum("nd,vnd->v", d0, g0)))[None]
+    comp = graph_completeness(nodes, recv, scores, vis_input, clean_v, corrupt_v, image_path)
     if not per_prompt:
         scores, clean_v, corrupt_v = scores.mean(2), clean_v.mean(), corrupt_v.mean()
     if image_path:  # per_prompt / per_position are off: scores [U_dec, V_dec]
@@ -191,10 +206,19 @@ def eap(
         full[: len(vnodes), : len(vrecv)] = vscores.to(scores.dtype).masked_fill(~vvalid, float("nan"))
         full[len(vnodes) :, len(vrecv) :] = scores
         scores = full
-    return EdgeGraph(scores, nodes, recv, clean_v, corrupt_v, method, per_position=per_position)
+    return EdgeGraph(scores, nodes, recv, clean_v, corrupt_v, method, per_position=per_position, completeness=comp,
+                     steps=ig_steps)
 
 
 def eap_ig(model: "HookedVLM", clean: dict[str, Any], corrupt: dict[str, Any], metric: Metric,
-           steps: int = 5, **kwargs: Any) -> EdgeGraph:
-    """EAP-IG with `steps` interpolation steps (steps=1 is EAP)."""
+           steps: int | str = "auto", *, tol: float = 0.05, max_steps: int = 64, start: int = 5,
+           **kwargs: Any) -> EdgeGraph:
+    """EAP-IG. ``steps="auto"`` (default): each prompt's grid is refined until the completeness error is under
+    `tol` (default 5%), from a uniform grid of `start` intervals to at most `max_steps` points per prompt, with the
+    trapezoid rule; warns when the bound is not reached (`analyses.edge_ig`). ``steps=m``: the fixed left Riemann
+    sum of m points (m = 1 is EAP). Either way the graph carries `completeness` and `steps`."""
+    if steps == "auto":
+        return adaptive_eap_ig(model, clean, corrupt, metric, tol=tol, max_steps=max_steps, start=start, **kwargs)
+    if isinstance(steps, str) or not isinstance(steps, int):
+        raise ValueError(f"steps must be 'auto' or a positive int, got {steps!r}")
     return eap(model, clean, corrupt, metric, ig_steps=steps, **kwargs)
