@@ -274,7 +274,8 @@ class TransformerLensAPI(TokenAPI):
                 out.backward()
         if not return_cache_object:
             return out, cache
-        return out, HookedVLMCache(cache, self, has_batch_dim=not remove_batch_dim)
+        counts = (ids == self.cfg.image_token_id).sum(1).cpu() if isinstance(ids, Tensor) and ids.ndim == 2 else None
+        return out, HookedVLMCache(cache, self, has_batch_dim=not remove_batch_dim, image_tokens=counts)
 
     def _names_filter(self, names_filter: Any) -> Callable[[str], bool]:
         """TL's names_filter forms as a function; names given as a str or list must be hook names."""

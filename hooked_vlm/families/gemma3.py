@@ -168,7 +168,7 @@ class Gemma3(Family):
         return make_plan(pixel_values, options, groups)
 
     def image_features(self, model: nn.Module, plan: ImageInputs) -> Tensor:
-        return model.projector(model.vision(plan.pixel_values, [-1])).flatten(0, 1)
+        return model.projector(model.vision(plan.pixel_values, [-1]))
 
     def attention_groups(self, model: nn.Module, input_ids: Tensor, plan: ImageInputs) -> Tensor | None:
         return plan.geometry

@@ -87,7 +87,7 @@ class Llava(Family):
 
     def build_projector(self, cfg: HookedVLMConfig) -> nn.Module:
         n_feat = len(feature_layers(cfg, None))
-        return MLPProjector(cfg.vision.d_model * n_feat, cfg.d_model, cfg.projector_act, cfg.projector_bias)
+        return MLPProjector(cfg.vision.d_model * n_feat, cfg.d_model, cfg.projector_act, cfg.projector_bias, flat=True)
 
     def _strategy(self, cfg: HookedVLMConfig, override: str | None) -> str:
         strategy = override or cfg.vision_feature_select_strategy
@@ -106,7 +106,7 @@ class Llava(Family):
         feats = model.vision(plan.pixel_values, list(plan.geometry.layers))
         if plan.geometry.strategy == "default":
             feats = feats[:, 1:]  # drop CLS
-        return model.projector(feats).flatten(0, 1)
+        return model.projector(feats)
 
     def image_coords(self, model: nn.Module, plan: ImageInputs) -> list[ImageCoords]:
         v = model.cfg.vision
