@@ -182,6 +182,8 @@ def test_table_batched_equals_single_runs(setup):
         single = metric(run_with_knockout(model, inputs, label, seed=3))
         torch.testing.assert_close(tables[0][label], single, rtol=0, atol=1e-5)
         torch.testing.assert_close(res.effect()[i], single - res.clean, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="one labelled axis"):
+        SweepResult(torch.zeros(2, 3), res.clean, res.corrupt, dims=("layer", "pos")).table()
     mean = knockout_table(model, inputs, metric, seed=3, progress=False)  # not per prompt: means over prompts
     torch.testing.assert_close(mean.scores, res.scores.mean(-1), rtol=0, atol=1e-6)
     assert mean.clean.ndim == 0
