@@ -135,7 +135,8 @@ def attribution_patching(
 
     hooks:     short kinds ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "result", "q",
                "k", "v"), ``{layer}`` templates ("vision.blocks.{layer}.hook_resid_post") or plain hook names
-               ("projector.hook_out") whose activations are [batch(or image), pos, ...].
+               ("projector.hook_out") whose activations are [batch(or image), pos, ...] or [n_image_tokens, d]
+               (projector.hook_out: one score per image token, reading order).
     layers:    restrict the ``{layer}`` hooks to these layers.
     positions: bool [batch, pos] / [pos]: head scores sum only over these positions (default all).
     direction: "denoise" (gradient at the corrupt run, delta = clean - corrupt) or "noise" (gradient at the clean
@@ -169,6 +170,8 @@ def attribution_patching(
                 raise ValueError(f"{name}: the two runs' activations differ in shape {tuple(cache[name].shape)} vs "
                                  f"{tuple(acts[name].shape)}")
             prod = delta * grads[name]
+            if prod.ndim == 2:  # [n_image_tokens, d] (projector.hook_out): one row of image tokens
+                prod = prod[None]
             # [batch, pos, head, d] -> [batch, pos, head]; [batch, pos, d...] -> [batch, pos]
             if prod.ndim < 3:
                 raise ValueError(f"{name}: attribution needs [batch, pos, ...] activations, got {tuple(prod.shape)}")

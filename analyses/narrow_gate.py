@@ -10,9 +10,11 @@ the knockout works wherever the decoder's attention has a pattern hook):
    the softmax denominator, so even "all image tokens" leaves the answer weakly image-dependent;
    ``renormalize=True`` masks the scores instead and removes every route (not the paper's protocol). The paper
    reports that for LLaVA knocking out end-of-image barely matters (VQA 0.80) while all image tokens -> 0.00;
-   for Chameleon end-of-image alone -> 0.25.
+   for Chameleon end-of-image alone -> 0.25. Returns the toolkit's `SweepResult` over the conditions
+   (`.table()`: {"baseline": ..., condition: ...}).
 2. **Steering** (`steer_end_of_image`): overwrite the residual stream of the end-of-image token at every layer
-   with its value from a run on another image, and count how often the answer becomes the other image's answer
+   with its value from a run on another image (`steer_end_of_image(model, clean, corrupt, corrupt_answer)`:
+   the clean run, steered by the corrupt = other-image run), and count how often the answer becomes the other image's answer
    (~90% for Chameleon, ~0% for LLaVA in the paper).
 
 Position sets are boolean masks [batch, pos] from `TokenLayout`; "end of image" is the family's choice
@@ -27,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .toolkit import (Estimate, Metric, Site, as_positions, bootstrap, first_position, hook_template, over_seeds,
-                      random_count, rate, resolve_layers, run_cached, run_sites, tile)
+from .toolkit import (Estimate, Metric, Site, SweepResult, as_positions, bootstrap, first_position, hook_template,
+                      over_seeds, random_count, rate, resolve_layers, run_cached, run_sites, tile)
 
 from hooked_vlm.components.attention import knock_out
 
@@ -168,16 +170,19 @@ def knockout_table(
     batch_size: int = 8,
     renormalize: bool = False,
     progress: bool = True,
-) -> dict[str, Tensor]:
+) -> SweepResult:
     """The paper's knockout table: metric under each key-set knockout (queries -> keys zeroed, no
-    renormalisation), plus "baseline" (no knockout) first. Runs on the sweep engine: every condition resumes
-    from one saved run at the first knocked-out layer and the first query position.
+    renormalisation). Runs on the sweep engine: every condition resumes from one saved run at the first
+    knocked-out layer and the first query position.
 
     conditions: names (see `key_positions`) or {label: name | mask | callable}.
     queries:    a position set (bool [batch, pos], ...); default the text tokens after the image.
     batch_size: conditions evaluated per forward (through the batch dimension).
     renormalize: see `knockout_hooks` (the one meaning used by every attention edit).
-    Returns {label: scalar tensor (mean over prompts) or [batch] per prompt}.
+    Returns the toolkit's SweepResult: `scores` [condition] (means over prompts) or [condition, batch]
+    (`per_prompt`), dims ("condition",), `labels["condition"]` the labels in order, `clean` the unedited run
+    (the baseline), direction "noise" (the clean run is edited: `effect()` = knockout - baseline) and `corrupt`
+    NaN (an ablation has no counterfactual run). `.table()` gives {"baseline": ..., label: ...}.
     """
     layout = model.layout(inputs)
     b, n = layout.shape
@@ -194,19 +199,22 @@ def knockout_table(
     sites = [Site([(template.format(layer=l), _knockout_edit(q, keys[label], head_list, renormalize))
                    for l in layer_ids], start, label=label) for label in keys]
     values, base = run_sites(model, inputs, metric, sites, batch_size=batch_size, progress=progress, desc="knockout")
-    table = {"baseline": base, **dict(zip(keys, values))}
-    return table if per_prompt else {label: v.mean() for label, v in table.items()}
+    scores = values  # [condition, batch]
+    if not per_prompt:
+        scores, base = scores.mean(-1), base.mean()
+    return SweepResult(scores, base, torch.full_like(base, math.nan), "noise", ("condition",),
+                       {"condition": list(keys), "renormalize": renormalize, "layers": layer_ids, "heads": head_list})
 
 
 @dataclass
 class SteeringResult:
     """Outcome of `steer_end_of_image`.
 
-    fraction:         share of prompts (among those not already answering the source's answer) whose answer
-                      became the source image's answer: the paper's steering success.
+    fraction:         share of prompts (among those not already answering the corrupt image's answer) whose
+                      answer became the corrupt image's answer: the paper's steering success.
     fraction_changed: share of prompts whose answer changed at all.
     predictions, base_predictions: argmax token ids [batch] with and without steering.
-    flipped:          bool [batch], steered answer == source answer and unsteered answer was not.
+    flipped:          bool [batch], steered answer == corrupt answer and unsteered answer was not.
     """
 
     fraction: float
@@ -227,32 +235,32 @@ def _predict(logits: Tensor, attention_mask: Tensor | None, candidates: Tensor |
 @torch.no_grad()
 def steer_end_of_image(
     model: "HookedVLM",
-    inputs: dict[str, Any],
-    source_inputs: dict[str, Any],
-    source_answer: Tensor | Sequence[int] | int,
+    clean: dict[str, Any],
+    corrupt: dict[str, Any],
+    corrupt_answer: Tensor | Sequence[int] | int,
     *,
     hook: str = "resid_pre",
     layers: int | Sequence[int] | None = None,
     image: int = -1,
     candidates: Tensor | Sequence[int] | None = None,
 ) -> SteeringResult:
-    """Patch the end-of-image token's residual stream at every layer (or `layers`) with its value from
-    `source_inputs` (the same prompts with another image; prompt i is steered by source prompt i) and count
-    how many answers become the source's answer.
+    """Run `clean` with the end-of-image token's residual stream at every layer (or `layers`) taken from the
+    `corrupt` run (the same prompts with another image; prompt i is steered by corrupt prompt i: the "noise"
+    direction) and count how many answers become the corrupt image's answer.
 
-    hook:          "resid_pre" (default: every layer's attention then reads the source's state at that token) or
-                   another [batch, pos, d_model] kind / template.
-    source_answer: token ids [batch] (or one id) of the answer the source image should produce.
-    candidates:    restrict the answer argmax to these token ids (e.g. the task's answer words).
+    hook:           "resid_pre" (default: every layer's attention then reads the corrupt state at that token) or
+                    another [batch, pos, d_model] kind / template.
+    corrupt_answer: token ids [batch] (or one id) of the answer the corrupt image should produce.
+    candidates:     restrict the answer argmax to these token ids (e.g. the task's answer words).
     The end-of-image positions are found separately in each run's layout, so the two runs may differ in length.
     """
     template = hook_template(hook)
     names = [template.format(layer=layer) for layer in resolve_layers(model, template, layers)]
-    t_eoi = model.layout(inputs).end_of_image(image).int().argmax(1)
-    s_eoi = model.layout(source_inputs).end_of_image(image).int().argmax(1)
+    t_eoi = model.layout(clean).end_of_image(image).int().argmax(1)
+    s_eoi = model.layout(corrupt).end_of_image(image).int().argmax(1)
     if len(t_eoi) != len(s_eoi):
-        raise ValueError(f"inputs have {len(t_eoi)} prompts but source_inputs {len(s_eoi)}")
-    _, cache = run_cached(model, source_inputs, names)
+        raise ValueError(f"clean has {len(t_eoi)} prompts but corrupt {len(s_eoi)}")
+    _, cache = run_cached(model, corrupt, names)
     rows = torch.arange(len(s_eoi))
     states = {name: cache[name][rows, s_eoi] for name in names}  # [batch, d_model]
     del cache
@@ -265,22 +273,24 @@ def steer_end_of_image(
 
         return fn
 
-    mask = inputs.get("attention_mask")
+    mask = clean.get("attention_mask")
     cand = None if candidates is None else torch.as_tensor(candidates).long().flatten()
-    base = _predict(model(**inputs), mask, cand)
+    base = _predict(model(**clean), mask, cand)
     with model.hooks(fwd_hooks=[(name, make(name)) for name in names]):
-        steered = _predict(model(**inputs), mask, cand)
-    target = torch.as_tensor(source_answer).long().flatten().cpu().expand(len(base))
+        steered = _predict(model(**clean), mask, cand)
+    target = torch.as_tensor(corrupt_answer).long().flatten().cpu().expand(len(base))
     eligible = base != target
     flipped = eligible & (steered == target)
     fraction = float(flipped.sum() / eligible.sum()) if eligible.any() else math.nan
     return SteeringResult(fraction, float((steered != base).float().mean()), steered, base, flipped)
 
 
-def plot_knockout_table(table: Mapping[str, Any], title: str | None = None, yaxis_title: str = "metric"):
-    """Bar chart of a `knockout_table` (per-prompt tables get standard-error bars)."""
+def plot_knockout_table(table: SweepResult | Mapping[str, Any], title: str | None = None, yaxis_title: str = "metric"):
+    """Bar chart of a `knockout_table` result (or its `.table()`), baseline first; per-prompt results get
+    standard-error bars."""
     from .plots import plot_effect_table
 
+    table = table.table() if isinstance(table, SweepResult) else table
     return plot_effect_table(table, title=title or "attention knockout (text -> keys, no renormalisation)",
                              yaxis_title=yaxis_title)
 
@@ -369,7 +379,7 @@ def knockout_protocol(
                                       "all_image": "all_image"}
         table = knockout_table(model, run_inputs, run_metric, conditions, layers=layers, per_prompt=True,
                                batch_size=batch_size, renormalize=renorm, progress=progress)
-        return table, k
+        return table.table(), k
 
     rows: list[KnockoutRow] = []
     for renorm in renormalize:
@@ -395,8 +405,8 @@ def knockout_protocol(
 
 @dataclass
 class SteeringSweepRow:
-    """`steering_sweep` at one layer: the share of eligible prompts (unsteered answer != the source's) whose
-    answer became the source's, with its Wilson interval, and the share that changed at all."""
+    """`steering_sweep` at one layer: the share of eligible prompts (unsteered answer != the corrupt image's) whose
+    answer became the corrupt image's, with its Wilson interval, and the share that changed at all."""
 
     layer: int
     variant: str
@@ -415,17 +425,17 @@ STEERING_VARIANTS = {"resid": ("resid_pre", "the residual stream at that one lay
 @torch.no_grad()
 def steering_sweep(
     model: "HookedVLM",
-    inputs: dict[str, Any],
-    source_inputs: dict[str, Any],
-    source_answer: Tensor | Sequence[int] | int,
+    clean: dict[str, Any],
+    corrupt: dict[str, Any],
+    corrupt_answer: Tensor | Sequence[int] | int,
     *,
     layers: Sequence[int] | None = None,
     variant: str = "resid",
     candidates: Tensor | Sequence[int] | None = None,
 ) -> list[SteeringSweepRow]:
     """Steering through the end-of-image position one layer at a time, as 2412.06646 sweeps it (i = 0, 4, 8, ...
-    on 32 layers; default here every layer): the end-of-image state is taken from `source_inputs` (the same prompts
-    with another image) at layer i only (`variant="resid"`: blocks.{i}.hook_resid_pre), or in the attention input
+    on 32 layers; default here every layer): the end-of-image state of the `clean` run is taken from `corrupt` (the
+    same prompts with another image) at layer i only (`variant="resid"`: blocks.{i}.hook_resid_pre), or in the attention input
     of layers >= i (`variant="attn_input"`, the paper's second variant: what every later layer's attention reads
     from that token)."""
     if variant not in STEERING_VARIANTS:
@@ -438,9 +448,8 @@ def steering_sweep(
     rows = []
     for layer in layer_ids:
         chosen = [layer] if variant == "resid" else list(range(layer, n))
-        r = steer_end_of_image(model, inputs, source_inputs, source_answer, hook=hook, layers=chosen,
-                               candidates=candidates)
-        eligible = r.base_predictions != torch.as_tensor(source_answer).long().flatten().expand(len(r.base_predictions))
+        r = steer_end_of_image(model, clean, corrupt, corrupt_answer, hook=hook, layers=chosen, candidates=candidates)
+        eligible = r.base_predictions != torch.as_tensor(corrupt_answer).long().flatten().expand(len(r.base_predictions))
         flipped = rate(r.flipped[eligible]) if eligible.any() else Estimate(math.nan, 0.0, 1.0, 0, method="wilson")
         rows.append(SteeringSweepRow(layer, variant, flipped, rate(r.predictions != r.base_predictions)))
     return rows

@@ -14,8 +14,9 @@ input_ids, different ``pixel_values``): any two input dicts whose patched activa
 
 A *site* is ``(hook name, positions, heads)``: a hook name (or short kind, see `analyses.toolkit.hooks`), a position
 set (any form `toolkit.as_positions` reads; None = every position; for vision hooks a mask over the activation's leading
-dims, e.g. [n_img, patch]) and a head index or indices (None = all heads; only for q/k/v/z/result/pattern
-hooks). Patching a site replaces exactly those entries of the activation.
+dims, e.g. [n_img, patch]; for `projector.hook_out`, [n_image_tokens, d] in reading order, the rows: e.g.
+``layout.in_box(...)[layout.is_image]``) and a head index or indices (None = all heads; only for
+q/k/v/z/result/pattern hooks). Patching a site replaces exactly those entries of the activation.
 
 Batching and prefix reuse come from the sweep engine (`analyses.toolkit.sweep`): n sites cost one forward of
 batch n*B (``batch_size`` bounds n), decoder sites resume from one saved target run at their (layer, position),
@@ -124,8 +125,11 @@ def patch_sweep(
             continue
         shape = sources[name].shape
         axis = position_axis(name)
-        n_pos = shape[axis] if len(shape) > axis else shape[0]
-        mask = site_mask(name, shape, as_positions(positions, n_pos, shape[0] if len(shape) > axis else None), heads)
+        if len(shape) == 2:  # rows [n, d] (projector.hook_out: one per image token, reading order): positions = rows
+            n_pos, n_batch = shape[0], None
+        else:
+            n_pos, n_batch = (shape[axis], shape[0]) if len(shape) > axis else (shape[0], None)
+        mask = site_mask(name, shape, as_positions(positions, n_pos, n_batch), heads)
         engine_sites.append(Site([(name, patch_edit(name, sources[name], mask, combine))], resume_start(name, mask),
                                  like={name: tuple(shape)}, label=(hook, positions, heads)))
     scores, target = run_sites(model, target_inputs, metric, engine_sites, batch_size=batch_size, progress=progress,

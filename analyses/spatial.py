@@ -2,7 +2,7 @@
 
 - Linear probes (multinomial logistic regression in torch, LBFGS on standardised features) on any hook at a
   position set, e.g. image tokens of `hook_embed` (= the projector's output as placed in the sequence, for every
-  family) or `projector.hook_out` (LLaVA: one row per image token), with a train/test split BY PROMPT.
+  family) or `projector.hook_out` (one row per image token, reading order), with a train/test split BY PROMPT.
 - `last_token_patching`: the residual at the final token patched from a counterfactual run, one layer at a
   time (batched through the batch dimension) -> [layer].
 - `swap_strips` / `strip_swap_matrix`: criss-cross swaps of two rows or two columns of image features
@@ -11,7 +11,7 @@
   positions, u_k the probe's unit directions; `control_seed` gives random directions whose addition has the
   same norm, token by token.
 
-Activations of hooks that are not [batch, pos, ...] (the projector's [n_images, tokens, d]) are mapped onto the
+Activations of hooks that are not [batch, pos, ...] (`projector.hook_out` [n_image_tokens, d]) are mapped onto the
 sequence through the image-token positions in reading order (`as_sequence`).
 """
 from __future__ import annotations

@@ -96,7 +96,8 @@ def suffix_cost(hf, model, corrupt: dict, start: int, meter: Meter, reps: int) -
             import copy
 
             image = {k: v for k, v in corrupt.items() if k not in ("input_ids", "attention_mask")}
-            pos = model.family.position_ids(model, corrupt["input_ids"], corrupt.get("attention_mask"), **image)
+            plan = model.family.plan(model, corrupt["input_ids"], **image)
+            pos = model.family.position_ids(model, corrupt["input_ids"], corrupt.get("attention_mask"), plan)
             rest = dict(input_ids=corrupt["input_ids"][:, start:], attention_mask=corrupt["attention_mask"],
                         position_ids=pos[..., start:])
 

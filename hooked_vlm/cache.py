@@ -10,6 +10,7 @@ incl_embeds=False leave the additions out: they are image embeddings, not layer 
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -17,7 +18,21 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.utilities import Slice
 
 
+# hooks holding one row per image token in reading order ([n_image_tokens, d], hook_names.md): batch slicing
+# takes the rows of the kept prompts
+IMAGE_ROW_HOOKS = re.compile(r"projector(\.deepstack\.\d+)?\.hook_out")
+
+
 class HookedVLMCache(ActivationCache):
+    """TransformerLens' ActivationCache (+ DeepStack, see the module docstring). `image_tokens` [batch]: each
+    prompt's image-token count, so `apply_slice_to_batch_dim` slices `projector.hook_out` (one row per image
+    token, reading order) by prompt too; TransformerLens would leave it whole."""
+
+    def __init__(self, cache_dict: dict[str, torch.Tensor], model: Any, has_batch_dim: bool = True,
+                 image_tokens: torch.Tensor | None = None):
+        super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
+        self.image_tokens = image_tokens
+
     def _deepstack(self, layers: range, pos_slice: Slice) -> tuple[list[torch.Tensor], list[str]]:
         parts, labels = [], []
         for l in layers:
@@ -69,7 +84,17 @@ class HookedVLMCache(ActivationCache):
 
     def apply_slice_to_batch_dim(self, batch_slice: Any) -> "HookedVLMCache":
         out = super().apply_slice_to_batch_dim(batch_slice)
-        return HookedVLMCache(out.cache_dict, self.model, has_batch_dim=out.has_batch_dim)
+        counts = self.image_tokens
+        if counts is None or not self.has_batch_dim:
+            return HookedVLMCache(out.cache_dict, self.model, has_batch_dim=out.has_batch_dim)
+        batch_slice = batch_slice if isinstance(batch_slice, Slice) else Slice(batch_slice)
+        prompts = batch_slice.apply(torch.arange(len(counts)), dim=0).reshape(-1)
+        prompt_of_row = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        rows = torch.cat([(prompt_of_row == p).nonzero().flatten() for p in prompts.tolist()] or [torch.zeros(0, dtype=torch.long)])
+        for name, value in self.cache_dict.items():
+            if IMAGE_ROW_HOOKS.fullmatch(name) and value.shape[0] == int(counts.sum()):
+                out.cache_dict[name] = value[rows.to(value.device)]
+        return HookedVLMCache(out.cache_dict, self.model, has_batch_dim=out.has_batch_dim, image_tokens=counts[prompts])
 
 
 __all__ = ["HookedVLMCache"]

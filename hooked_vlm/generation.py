@@ -260,7 +260,8 @@ class GenerationMixin:
         if self.cfg.mrope_section is None:
             return text
         if image_inputs.get("pixel_values") is not None:
-            return self.family.position_ids(self, input_ids, attention_mask, **image_inputs).to(text.device)
+            plan = self.family.plan(self, input_ids, **image_inputs)
+            return self.family.position_ids(self, input_ids, attention_mask, plan).to(text.device)
         return text[None].expand(3, *text.shape)
 
     @torch.no_grad()

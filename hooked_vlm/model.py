@@ -147,9 +147,10 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
             image_inputs = dict(image_inputs, pixel_values=image_inputs["pixel_values"].to(input_ids.device))
         image_mask = input_ids == self.cfg.image_token_id
         inject: dict[int, Tensor] = {}
+        plan = self.family.plan(self, input_ids, **image_inputs)  # parsed and checked once for this call
         x = self.token_embeddings(input_ids)
-        if image_inputs.get("pixel_values") is not None:
-            feats = self.family.image_features(self, input_ids, **image_inputs)
+        if plan.pixel_values is not None:
+            feats = self.family.image_features(self, plan)
             if isinstance(feats, tuple):  # (features, {decoder layer: features added after that layer's MLP})
                 feats, extra = feats
                 inject = {l: merge_image_features(torch.zeros_like(x), image_mask, f) for l, f in extra.items()}
@@ -162,9 +163,9 @@ class HookedVLM(GenerationMixin, TransformerLensAPI, HookedRootModule):
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
         if position_ids is None:
-            position_ids = self.family.position_ids(self, input_ids, attention_mask, **image_inputs)
+            position_ids = self.family.position_ids(self, input_ids, attention_mask, plan)
         rotary = self.rotaries(position_ids.to(input_ids.device), x.dtype)
-        groups = self.family.attention_groups(self, input_ids, **image_inputs)
+        groups = self.family.attention_groups(self, input_ids, plan)
         return x, rotary, causal_padding_mask(attention_mask, x.dtype, groups), inject
 
     def token_embeddings(self, input_ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:

@@ -161,8 +161,9 @@ def build_layout(model: Any, inputs: Mapping[str, Any]) -> TokenLayout:
     is_image = input_ids == model.cfg.image_token_id
     fields = {k: torch.full((b, s), -1, dtype=torch.long) for k in ("image_index", "crop", "row", "col", "t")}
     grids: list[list[dict[int, tuple[int, int]]]] = [[] for _ in range(b)]
-    if inputs.get("pixel_values") is not None:
-        coords = family.image_coords(model, input_ids, **inputs)
+    plan = family.plan(model, input_ids, **inputs)  # parsed once, for the coordinates and the positions
+    if plan.pixel_values is not None:
+        coords = family.image_coords(model, plan)
         # images are consumed in reading order: prompt 0's images first, each taking its token count
         cursor = 0
         for bi in range(b):
@@ -188,7 +189,7 @@ def build_layout(model: Any, inputs: Mapping[str, Any]) -> TokenLayout:
     if position_ids is None:
         with torch.no_grad():
             position_ids = family.position_ids(model, input_ids.to(model.embed.weight.device),
-                                               attention_mask.to(model.embed.weight.device), **inputs)
+                                               attention_mask.to(model.embed.weight.device), plan)
     return TokenLayout(input_ids, attention_mask, position_ids.cpu(), is_image, grids=grids,
                        end_of_image_offset=family.end_of_image_offset(),
                        has_end_of_image_token=family.has_end_of_image_token, **fields)

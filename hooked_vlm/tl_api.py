@@ -22,6 +22,7 @@ from transformer_lens.utilities import Slice
 from transformer_lens.utilities import remove_batch_dim as drop_batch_dim
 
 from . import cache_guard
+from .components.rotary import Rotary
 from .cache import HookedVLMCache
 from .tl_tokens import TokenAPI
 
@@ -121,7 +122,7 @@ class TransformerLensAPI(TokenAPI):
     def _resume_inputs(
         self, residual: Any, tokens: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
         **image_inputs: Any,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None, dict[int, Tensor]]:
+    ) -> tuple[Tensor, Rotary, Tensor | None, dict[int, Tensor]]:
         """(x, rotary, mask, no DeepStack additions) for `forward(residual, start_at_layer=l, ...)`. The images are not recomputed (they
         are in the residual already); positions come from `position_ids`, or from `tokens` and the image inputs
         (Qwen's M-RoPE needs tokens + image_grid_thw + mm_token_type_ids), or are 0..pos-1 for 1-D RoPE."""
@@ -145,11 +146,15 @@ class TransformerLensAPI(TokenAPI):
             attention_mask = attention_mask.to(device)
             if attention_mask.shape != x.shape[:2]:
                 raise ValueError(f"attention_mask: expected shape {tuple(x.shape[:2])}, got {tuple(attention_mask.shape)}")
+        plan = None  # the image inputs, parsed once, for the positions and the attention groups
+        if tokens is not None:
+            if tuple(tokens.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"tokens: expected shape {tuple(x.shape[:2])}, got {tuple(tokens.shape)}")
+            tokens = tokens.to(device)
+            plan = self.family.plan(self, tokens, **image_inputs)
         if position_ids is None:
-            if tokens is not None:
-                if tuple(tokens.shape) != tuple(x.shape[:2]):
-                    raise ValueError(f"tokens: expected shape {tuple(x.shape[:2])}, got {tuple(tokens.shape)}")
-                position_ids = self.family.position_ids(self, tokens.to(device), attention_mask, **image_inputs)
+            if plan is not None:
+                position_ids = self.family.position_ids(self, tokens, attention_mask, plan)
             elif self.cfg.mrope_section is None:
                 position_ids = torch.arange(x.shape[1], device=device).expand(x.shape[0], -1)
             else:
@@ -158,7 +163,7 @@ class TransformerLensAPI(TokenAPI):
                                  "position_ids=model.layout(inputs).position_ids")
         rotary = self.rotaries(position_ids.to(device), x.dtype)
         # families whose image tokens attend bidirectionally (Gemma 3) need the tokens to know the groups
-        groups = self.family.attention_groups(self, tokens.to(device), **image_inputs) if tokens is not None else None
+        groups = self.family.attention_groups(self, tokens, plan) if plan is not None else None
         return x, rotary, causal_padding_mask(attention_mask, x.dtype, groups), {}
 
     def _output(self, x: Tensor, tokens: Tensor | None, attention_mask: Tensor | None, return_type: str | None,
@@ -269,7 +274,8 @@ class TransformerLensAPI(TokenAPI):
                 out.backward()
         if not return_cache_object:
             return out, cache
-        return out, HookedVLMCache(cache, self, has_batch_dim=not remove_batch_dim)
+        counts = (ids == self.cfg.image_token_id).sum(1).cpu() if isinstance(ids, Tensor) and ids.ndim == 2 else None
+        return out, HookedVLMCache(cache, self, has_batch_dim=not remove_batch_dim, image_tokens=counts)
 
     def _names_filter(self, names_filter: Any) -> Callable[[str], bool]:
         """TL's names_filter forms as a function; names given as a str or list must be hook names."""

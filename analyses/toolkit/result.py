@@ -31,6 +31,18 @@ class SweepResult:
         per-prompt)."""
         return (self.scores - self.corrupt) / (self.clean - self.corrupt)
 
+    def baseline(self) -> Tensor:
+        """The unedited run's value: corrupt for denoising, clean for noising (and for ablations such as knockouts)."""
+        return self.corrupt if self.direction == "denoise" else self.clean
+
     def effect(self) -> Tensor:
         """scores minus the unedited run's value (corrupt for denoising, clean for noising)."""
-        return self.scores - (self.corrupt if self.direction == "denoise" else self.clean)
+        return self.scores - self.baseline()
+
+    def table(self) -> dict[str, Tensor]:
+        """A sweep over one labelled axis as {"baseline": the unedited run's value, label: score, ...} in sweep
+        order (e.g. `narrow_gate.knockout_table`'s conditions; `plots.plot_effect_table` draws it)."""
+        if len(self.dims) != 1 or self.dims[0] not in self.labels:
+            raise ValueError(f"table() needs a sweep over one labelled axis, this one has dims {self.dims}")
+        labels = [str(label) for label in self.labels[self.dims[0]]]
+        return {"baseline": self.baseline(), **dict(zip(labels, self.scores))}

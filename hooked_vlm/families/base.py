@@ -4,10 +4,15 @@ A family is a stateless object registered under an HF `config.model_type`. It re
 `HookedVLMConfig`, builds the family's vision tower and projector, turns image inputs into features in
 reading order, computes position ids, describes image tokens for `TokenLayout`, and maps HF weights. Shared
 components never ask which family they are in.
+
+Image inputs are parsed and checked ONCE per forward: `Family.plan` turns the keywords into an `ImageInputs`
+(frozen), and the tower / projector (`image_features`), the positions (`position_ids`), the attention groups and
+TokenLayout (`image_coords`) all read that one plan instead of re-reading the keywords.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
@@ -27,6 +32,27 @@ class ImageCoords:
     col: Tensor
     t: Tensor
     grids: dict[int, tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """One forward's image inputs, parsed and checked once by `Family.plan` (loud errors there), then read by
+    everything that needs them: tower, projector / merger, merge, positions, attention groups, TokenLayout.
+    Frozen: a plan is built per call and never updated. `geometry` is the family's parsed view (None where the
+    family needs none beyond the keywords): LLaVA's feature layers and selection, LLaVA-OneVision's crop plans,
+    Qwen's checked grid with its attention segments / window partition, Gemma 3's image groups."""
+
+    pixel_values: Tensor | None
+    options: Mapping[str, Any]  # the other image keywords as given (read-only)
+    geometry: Any = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.options.get(key, default)
+
+
+def make_plan(pixel_values: Tensor | None, options: Mapping[str, Any], geometry: Any = None) -> ImageInputs:
+    """An `ImageInputs` with a read-only copy of `options`."""
+    return ImageInputs(pixel_values, MappingProxyType(dict(options)), geometry)
 
 
 @dataclass(frozen=True)
@@ -107,16 +133,22 @@ class Family:
     def build_projector(self, cfg: HookedVLMConfig) -> nn.Module:
         raise NotImplementedError
 
-    def image_features(self, model: nn.Module, input_ids: Tensor, **image_inputs: Any) -> Tensor:
-        """[n_image_tokens, d_model], in the reading order of the image tokens in `input_ids`."""
+    def plan(self, model: nn.Module, input_ids: Tensor, **image_inputs: Any) -> ImageInputs:
+        """Parse and check the image keywords of one call, once (default: keep them as given)."""
+        pixel_values = image_inputs.pop("pixel_values", None)
+        return make_plan(pixel_values, image_inputs)
+
+    def image_features(self, model: nn.Module, plan: ImageInputs) -> Tensor:
+        """[n_image_tokens, d_model] (= `projector.hook_out`), in the reading order of the image tokens."""
         raise NotImplementedError
 
-    def position_ids(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, **image_inputs: Any) -> Tensor:
+    def position_ids(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, plan: ImageInputs) -> Tensor:
         """Default: HF's plain 0..S-1 (left pads counted), [batch, pos]."""
         b, s = input_ids.shape
         return torch.arange(s, device=input_ids.device).expand(b, s)
 
-    def image_coords(self, model: nn.Module, input_ids: Tensor, **image_inputs: Any) -> list[ImageCoords]:
+    def image_coords(self, model: nn.Module, plan: ImageInputs) -> list[ImageCoords]:
+        """Per image, in reading order: the (crop, row, col, t) of each of its image tokens."""
         raise NotImplementedError
 
     # True where the tokenizer has an end-of-image marker after the image tokens (Qwen's <|vision_end|>, Gemma 3's
@@ -135,7 +167,7 @@ class Family:
     def check_processor(self, processor: Any) -> None:
         """Raise if the processor would make inputs this family cannot describe (default: accept any)."""
 
-    def attention_groups(self, model: nn.Module, input_ids: Tensor, **image_inputs: Any) -> Tensor | None:
+    def attention_groups(self, model: nn.Module, input_ids: Tensor, plan: ImageInputs) -> Tensor | None:
         """[batch, pos] group ids (-1 = none): positions of one group attend to each other in both directions on
         top of the causal mask (Gemma 3: the tokens of one image). Default None: purely causal."""
         return None

@@ -43,7 +43,8 @@ from ..projector import PooledProjector
 from ..vision import ViTTower
 from . import register
 from .backbones import SIGLIP_VISION
-from .base import Accept, Family, FieldRules, ImageCoords, KeyMapper, hf_rotary, layer_windows, map_decoder, only
+from .base import (Accept, Family, FieldRules, ImageCoords, ImageInputs, KeyMapper, hf_rotary, layer_windows, make_plan,
+                   map_decoder, only)
 from .llava import map_vit
 
 STATIC_ROPE = ("default", "linear", "yarn", "llama3")  # inv_freq fixed: copied from HF per layer type
@@ -154,26 +155,30 @@ class Gemma3(Family):
                              "num_crops, so TokenLayout cannot tell an image's crops from separate images); set "
                              "processor.image_processor.do_pan_and_scan = False")
 
-    def image_features(self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor,
-                       token_type_ids: Tensor | None = None) -> Tensor:
-        return model.projector(model.vision(pixel_values, [-1])).flatten(0, 1)
+    def plan(self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None = None,
+             **options: Any) -> ImageInputs:
+        """token_type_ids checked and turned into image groups (bidirectional blocks) once per call."""
+        token_type_ids = options.get("token_type_ids")
+        groups = None
+        if token_type_ids is not None:
+            if tuple(token_type_ids.shape) != tuple(input_ids.shape):
+                raise ValueError(f"token_type_ids: expected shape {tuple(input_ids.shape)} (as input_ids), "
+                                 f"got {tuple(token_type_ids.shape)}")
+            groups = image_groups(token_type_ids.to(input_ids.device))
+        return make_plan(pixel_values, options, groups)
 
-    def attention_groups(self, model: nn.Module, input_ids: Tensor, token_type_ids: Tensor | None = None,
-                         **image_inputs: Any) -> Tensor | None:
-        if token_type_ids is None:
-            return None
-        if tuple(token_type_ids.shape) != tuple(input_ids.shape):
-            raise ValueError(f"token_type_ids: expected shape {tuple(input_ids.shape)} (as input_ids), "
-                             f"got {tuple(token_type_ids.shape)}")
-        return image_groups(token_type_ids.to(input_ids.device))
+    def image_features(self, model: nn.Module, plan: ImageInputs) -> Tensor:
+        return model.projector(model.vision(plan.pixel_values, [-1]))
 
-    def image_coords(self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor,
-                     token_type_ids: Tensor | None = None) -> list[ImageCoords]:
+    def attention_groups(self, model: nn.Module, input_ids: Tensor, plan: ImageInputs) -> Tensor | None:
+        return plan.geometry
+
+    def image_coords(self, model: nn.Module, plan: ImageInputs) -> list[ImageCoords]:
         side = int(model.cfg.family_options["mm_tokens_per_image"] ** 0.5)
         n = side * side
         one = ImageCoords(crop=torch.zeros(n, dtype=torch.long), row=torch.arange(side).repeat_interleave(side),
                           col=torch.arange(side).repeat(side), t=torch.zeros(n, dtype=torch.long), grids={0: (side, side)})
-        return [one] * pixel_values.shape[0]
+        return [one] * plan.pixel_values.shape[0]
 
     def end_of_image_offset(self) -> int:
         return 1  # <end_of_image> follows the last image token

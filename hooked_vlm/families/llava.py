@@ -2,6 +2,7 @@
 projector -> one feature per image token, Llama (or Qwen2) decoder with 1-D RoPE."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,7 +13,8 @@ from ..projector import MLPProjector
 from ..vision import ViTTower
 from . import register
 from .backbones import CLIP_VISION, SIGLIP_VISION, TEXT_DECODERS
-from .base import Family, FieldRules, ImageCoords, KeyMapper, decoder_fields, map_decoder, map_vit_blocks
+from .base import (Family, FieldRules, ImageCoords, ImageInputs, KeyMapper, decoder_fields, make_plan, map_decoder,
+                   map_vit_blocks)
 
 TOWER_KINDS = {"clip_vision_model": dict(class_token=True, pre_norm=True, patch_bias=False),
                "siglip_vision_model": dict(class_token=False, pre_norm=False, patch_bias=True)}
@@ -38,6 +40,14 @@ def map_vit(km: KeyMapper, vcfg: VisionCfg, prefix: str) -> None:
     if vcfg.pre_norm:
         km.norm("vision.ln_pre", f"{prefix}.pre_layrnorm")
     map_vit_blocks(km, vcfg.n_layers, f"{prefix}.encoder")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which tower outputs a call reads: the feature layers and the selection strategy ("default" / "full")."""
+
+    layers: tuple[int, ...]
+    strategy: str
 
 
 def feature_layers(cfg: HookedVLMConfig, override: int | list[int] | None) -> list[int]:
@@ -77,7 +87,7 @@ class Llava(Family):
 
     def build_projector(self, cfg: HookedVLMConfig) -> nn.Module:
         n_feat = len(feature_layers(cfg, None))
-        return MLPProjector(cfg.vision.d_model * n_feat, cfg.d_model, cfg.projector_act, cfg.projector_bias)
+        return MLPProjector(cfg.vision.d_model * n_feat, cfg.d_model, cfg.projector_act, cfg.projector_bias, flat=True)
 
     def _strategy(self, cfg: HookedVLMConfig, override: str | None) -> str:
         strategy = override or cfg.vision_feature_select_strategy
@@ -85,29 +95,30 @@ class Llava(Family):
             raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
         return strategy
 
-    def image_features(
-        self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor, vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-    ) -> Tensor:
-        feats = model.vision(pixel_values, feature_layers(model.cfg, vision_feature_layer))
-        if self._strategy(model.cfg, vision_feature_select_strategy) == "default":
-            feats = feats[:, 1:]  # drop CLS
-        return model.projector(feats).flatten(0, 1)
+    def plan(self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None = None,
+             **options: Any) -> ImageInputs:
+        """The feature layers and the selection ("default" drops CLS), resolved once per call."""
+        select = Selection(tuple(feature_layers(model.cfg, options.get("vision_feature_layer"))),
+                           self._strategy(model.cfg, options.get("vision_feature_select_strategy")))
+        return make_plan(pixel_values, options, select)
 
-    def image_coords(
-        self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor, vision_feature_layer: Any = None,
-        vision_feature_select_strategy: str | None = None,
-    ) -> list[ImageCoords]:
+    def image_features(self, model: nn.Module, plan: ImageInputs) -> Tensor:
+        feats = model.vision(plan.pixel_values, list(plan.geometry.layers))
+        if plan.geometry.strategy == "default":
+            feats = feats[:, 1:]  # drop CLS
+        return model.projector(feats)
+
+    def image_coords(self, model: nn.Module, plan: ImageInputs) -> list[ImageCoords]:
         v = model.cfg.vision
         side = v.image_size // v.patch_size
         rows = torch.arange(side).repeat_interleave(side)
         cols = torch.arange(side).repeat(side)
-        if v.class_token and self._strategy(model.cfg, vision_feature_select_strategy) == "full":
+        if v.class_token and plan.geometry.strategy == "full":
             rows, cols = torch.cat([torch.tensor([-1]), rows]), torch.cat([torch.tensor([-1]), cols])
         n = len(rows)
         one = ImageCoords(crop=torch.zeros(n, dtype=torch.long), row=rows, col=cols, t=torch.zeros(n, dtype=torch.long),
                           grids={0: (side, side)})
-        return [one] * pixel_values.shape[0]
+        return [one] * plan.pixel_values.shape[0]
 
     def convert_state_dict(self, hf_sd: dict[str, Tensor], cfg: HookedVLMConfig) -> dict[str, Tensor]:
         km = KeyMapper(hf_sd, self.ignored_keys)

@@ -58,8 +58,8 @@ from ..config import HookedVLMConfig
 from ..projector import MLPProjector
 from . import register
 from .backbones import SIGLIP_VISION, TEXT_DECODERS
-from .base import FieldRules, ImageCoords, KeyMapper, map_decoder
-from .llava import LLAVA_IMPLEMENTED, Llava, feature_layers, map_vit
+from .base import FieldRules, ImageCoords, ImageInputs, KeyMapper, make_plan, map_decoder
+from .llava import LLAVA_IMPLEMENTED, Llava, Selection, feature_layers, map_vit
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,14 @@ def plan_image(size_hw: Sequence[int], pinpoints: list, image_size: int, g: int,
     ratio = math.sqrt(kh * kw / (max_patches(aspect) * g**2))
     out = (int(kh // ratio), int(kw // ratio)) if ratio > 1.1 else (kh, kw)
     return ImagePlan(crops=crops, crop_grid=(nph, npw), keep=(r0, r1, c0, c1), out=out)
+
+
+@dataclass(frozen=True)
+class OnevisionImages:
+    """A call's parsed images (the plan's geometry): the feature selection and each image's crop plan."""
+
+    select: Selection
+    plans: tuple[ImagePlan, ...]
 
 
 class OnevisionProjector(nn.Module):
@@ -174,6 +182,22 @@ class LlavaOnevision(Llava):
                                   cfg.vision.image_size // cfg.vision.patch_size)
 
     # ------------------------------------------------------------------------------------------ inputs
+    def plan(self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None = None,
+             **options: Any) -> ImageInputs:
+        """Every image's crop plan, the feature selection and the input checks, once per call."""
+        cfg = model.cfg
+        select = Selection(tuple(feature_layers(cfg, options.get("vision_feature_layer"))),
+                           self._strategy(cfg, options.get("vision_feature_select_strategy")))
+        if pixel_values is None:
+            return make_plan(None, options, OnevisionImages(select, ()))
+        images = self._plans(cfg, options.get("image_sizes"), options.get("batch_num_images"),
+                             options.get("vision_aspect_ratio"))
+        geometry = OnevisionImages(select, tuple(images))
+        if options.get("batch_num_images") is not None:
+            self._check_batch_num_images(model, input_ids, geometry, options["batch_num_images"])
+        self._check_crops(pixel_values, images)
+        return make_plan(pixel_values, options, geometry)
+
     def _plans(self, cfg: HookedVLMConfig, image_sizes: Any, batch_num_images: Any, vision_aspect_ratio: str | None
                ) -> list[ImagePlan]:
         if image_sizes is None:
@@ -202,9 +226,8 @@ class LlavaOnevision(Llava):
                 for s, m in zip(sizes, multi)]
 
     @staticmethod
-    def _crops(pixel_values: Tensor, plans: list[ImagePlan]) -> Tensor:
-        """[n_crops, C, H, W]: the processor's padded [n_images, max_crops, C, H, W] cut to each image's crops
-        (HF's slicing), or already concatenated 4-D crops."""
+    def _check_crops(pixel_values: Tensor, plans: Sequence[ImagePlan]) -> None:
+        """pixel_values: the processor's padded [n_images, max_crops, C, H, W] or concatenated 4-D crops."""
         want = [p.crops for p in plans]
         if pixel_values.ndim == 5:
             if pixel_values.shape[0] != len(plans):
@@ -212,38 +235,36 @@ class LlavaOnevision(Llava):
             if max(want) > pixel_values.shape[1]:
                 raise ValueError(f"the image sizes need up to {max(want)} crops per image but pixel_values has "
                                  f"{pixel_values.shape[1]} (do image_grid_pinpoints match the processor's?)")
-            return torch.cat([pv[:n] for pv, n in zip(pixel_values, want)], dim=0)
-        if pixel_values.ndim == 4:
+        elif pixel_values.ndim == 4:
             if pixel_values.shape[0] != sum(want):
                 raise ValueError(f"pixel_values has {pixel_values.shape[0]} crops but the image sizes need {sum(want)} "
                                  f"({want} per image)")
-            return pixel_values
-        raise ValueError(f"pixel_values: expected 4 or 5 dimensions, got shape {tuple(pixel_values.shape)}")
+        else:
+            raise ValueError(f"pixel_values: expected 4 or 5 dimensions, got shape {tuple(pixel_values.shape)}")
 
-    def image_features(
-        self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor, image_sizes: Any = None,
-        batch_num_images: Any = None, vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None, vision_aspect_ratio: str | None = None,
-    ) -> Tensor:
-        plans = self._plans(model.cfg, image_sizes, batch_num_images, vision_aspect_ratio)
-        if batch_num_images is not None:
-            self._check_batch_num_images(model, input_ids, pixel_values, image_sizes, batch_num_images,
-                                         vision_feature_select_strategy)
-        feats = model.vision(self._crops(pixel_values, plans), feature_layers(model.cfg, vision_feature_layer))
-        if self._strategy(model.cfg, vision_feature_select_strategy) == "default":
+    @staticmethod
+    def _crops(pixel_values: Tensor, plans: Sequence[ImagePlan]) -> Tensor:
+        """[n_crops, C, H, W]: each image's crops (HF's slicing of the padded 5-D input; checked by the plan)."""
+        if pixel_values.ndim == 5:
+            return torch.cat([pv[: p.crops] for pv, p in zip(pixel_values, plans)], dim=0)
+        return pixel_values
+
+    def image_features(self, model: nn.Module, plan: ImageInputs) -> Tensor:
+        images: OnevisionImages = plan.geometry
+        feats = model.vision(self._crops(plan.pixel_values, images.plans), list(images.select.layers))
+        if images.select.strategy == "default":
             feats = feats[:, 1:]
-        return model.projector(feats, plans)
+        return model.projector(feats, list(images.plans))
 
-    def _check_batch_num_images(self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor, image_sizes: Any,
-                                batch_num_images: Any, strategy: str | None) -> None:
+    def _check_batch_num_images(self, model: nn.Module, input_ids: Tensor, images: "OnevisionImages",
+                                batch_num_images: Any) -> None:
         """batch_num_images must give one count per prompt, and each prompt's images must account for exactly
         that prompt's image tokens (HF would only fail later with an anonymous count mismatch)."""
         counts = [int(n) for n in torch.as_tensor(batch_num_images).flatten().tolist()]
         if len(counts) != input_ids.shape[0]:
             raise ValueError(f"batch_num_images has {len(counts)} entries {counts}, expected one per prompt "
                              f"({input_ids.shape[0]} prompts)")
-        per_image = [len(c.row) for c in self.image_coords(model, input_ids, pixel_values, image_sizes, batch_num_images,
-                                                           vision_feature_select_strategy=strategy)]
+        per_image = [len(c.row) for c in self._coords(model.cfg, images)]
         have = (input_ids == model.cfg.image_token_id).sum(1).tolist()
         if sum(per_image) != sum(have):
             raise ValueError(f"the text has {sum(have)} image tokens but the images give {sum(per_image)} feature vectors; "
@@ -257,22 +278,20 @@ class LlavaOnevision(Llava):
                                  f"prompt has {have[b]} image tokens")
             start += n
 
-    def image_coords(
-        self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor = None, image_sizes: Any = None,
-        batch_num_images: Any = None, vision_feature_layer: Any = None, vision_feature_select_strategy: str | None = None,
-        vision_aspect_ratio: str | None = None,
-    ) -> list[ImageCoords]:
-        cfg = model.cfg
+    def image_coords(self, model: nn.Module, plan: ImageInputs) -> list[ImageCoords]:
+        return self._coords(model.cfg, plan.geometry)
+
+    def _coords(self, cfg: HookedVLMConfig, images: "OnevisionImages") -> list[ImageCoords]:
         v = cfg.vision
         g = v.image_size // v.patch_size
         # the tower's tokens of one crop: [CLS] (CLIP) + the g x g grid; "default" drops the first one
         rows, cols = torch.arange(g).repeat_interleave(g), torch.arange(g).repeat(g)
         if v.class_token:
             rows, cols = torch.cat([torch.tensor([-1]), rows]), torch.cat([torch.tensor([-1]), cols])
-        if self._strategy(cfg, vision_feature_select_strategy) == "default":
+        if images.select.strategy == "default":
             rows, cols = rows[1:], cols[1:]
         out = []
-        for plan in self._plans(cfg, image_sizes, batch_num_images, vision_aspect_ratio):
+        for plan in images.plans:
             crop, row, col = [torch.zeros_like(rows)], [rows], [cols]
             grids = {0: (g, g)}
             if plan.crops == 1:  # single crop: one newline closes the base grid's last row

@@ -34,10 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import HookedVLMConfig, VisionCfg
-from ..vision.qwen_vit import PatchMerger, QwenViTTower
+from ..vision.qwen_vit import PatchMerger, QwenViTTower, plan_grid
 from . import register
 from .backbones import DECODER_IGNORED, DECODER_IMPLEMENTED
-from .base import Accept, Family, FieldRules, ImageCoords, KeyMapper, decoder_fields, map_decoder, rope_parameters_ok
+from .base import (Accept, Family, FieldRules, ImageCoords, ImageInputs, KeyMapper, decoder_fields, make_plan, map_decoder,
+                   rope_parameters_ok)
 
 VIDEO_KWARGS = ("pixel_values_videos", "video_grid_thw")
 
@@ -163,18 +164,22 @@ class Qwen2VL(Family):
             raise ValueError(f"{self.model_type}: pixel_values were given without image_grid_thw (the processor returns "
                              "both; image_grid_thw [n_images, 3] gives each image's temporal/height/width in patches)")
 
-    def image_features(self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor, image_grid_thw: Tensor | None = None,
-                       **other: Any) -> Tensor:
-        self._check(dict(other, pixel_values=pixel_values, image_grid_thw=image_grid_thw))
-        hidden = model.vision(pixel_values, image_grid_thw)
-        return model.projector(hidden, model.vision.window_index(image_grid_thw))
+    def plan(self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None = None,
+             **options: Any) -> ImageInputs:
+        """The input check (no videos; pixel_values with image_grid_thw, which must describe them) and the tower's
+        grid (attention segments, Qwen2.5-VL's window partition), once per call."""
+        self._check(dict(options, pixel_values=pixel_values))
+        grid = None if pixel_values is None else plan_grid(pixel_values, options["image_grid_thw"], model.cfg.vision)
+        return make_plan(pixel_values, options, grid)
 
-    def position_ids(
-        self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor | None = None,
-        image_grid_thw: Tensor | None = None, mm_token_type_ids: Tensor | None = None, **other: Any,
-    ) -> Tensor:
-        self._check(dict(other, pixel_values=pixel_values, image_grid_thw=image_grid_thw))
+    def image_features(self, model: nn.Module, plan: ImageInputs) -> Tensor:
+        hidden = model.vision(plan.pixel_values, plan.geometry)
+        return model.projector(hidden, plan.geometry.window_index)
+
+    def position_ids(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
+                     plan: ImageInputs) -> Tensor:
         b, s = input_ids.shape
+        image_grid_thw, mm_token_type_ids = plan.get("image_grid_thw"), plan.get("mm_token_type_ids")
         if image_grid_thw is None:  # HF: plain 0..S-1 on all three axes (pads counted)
             return torch.arange(s, device=input_ids.device).expand(3, b, s)
         if mm_token_type_ids is None:
@@ -195,12 +200,10 @@ class Qwen2VL(Family):
         return mrope_position_ids(input_ids, mm_token_type_ids, image_grid_thw, attention_mask,
                                   model.cfg.vision.spatial_merge_size)
 
-    def image_coords(self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor, image_grid_thw: Tensor | None = None,
-                     **other: Any) -> list[ImageCoords]:
-        self._check(dict(other, pixel_values=pixel_values, image_grid_thw=image_grid_thw))
+    def image_coords(self, model: nn.Module, plan: ImageInputs) -> list[ImageCoords]:
         merge = model.cfg.vision.spatial_merge_size
         coords = []
-        for t, h, w in image_grid_thw.cpu().tolist():
+        for t, h, w in plan.geometry.grid_thw.tolist():
             gh, gw = h // merge, w // merge
             grid = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
             tt, rr, cc = (a.flatten() for a in grid)

@@ -29,7 +29,7 @@ from ..config import HookedVLMConfig, VisionCfg
 from ..vision.qwen3_vit import Qwen3Projector, Qwen3ViTTower
 from . import register
 from .backbones import DECODER_IGNORED, DECODER_IMPLEMENTED
-from .base import LLAMA_NORMS, Accept, FieldRules, KeyMapper, decoder_fields, map_decoder
+from .base import LLAMA_NORMS, Accept, FieldRules, ImageInputs, KeyMapper, decoder_fields, map_decoder
 from .qwen2_vl import QWEN_VIT_IMPLEMENTED, QWEN_VL_TOP, Qwen2VL
 
 
@@ -104,11 +104,9 @@ class Qwen3VL(Qwen2VL):
     def build_projector(self, cfg: HookedVLMConfig) -> nn.Module:
         return Qwen3Projector(cfg.vision, cfg.d_model, len(cfg.deepstack_layers))
 
-    def image_features(self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor, image_grid_thw: Tensor | None = None,
-                       **other: Any) -> tuple[Tensor, dict[int, Tensor]]:
+    def image_features(self, model: nn.Module, plan: ImageInputs) -> tuple[Tensor, dict[int, Tensor]]:
         """(features [n_tokens, d_model], {decoder layer j: DeepStack features [n_tokens, d_model]})."""
-        self._check(dict(other, pixel_values=pixel_values, image_grid_thw=image_grid_thw))
-        hidden, levels = model.vision(pixel_values, image_grid_thw)
+        hidden, levels = model.vision(plan.pixel_values, plan.geometry)
         extra = {j: merger(h) for j, (merger, h) in enumerate(zip(model.projector.deepstack, levels))}
         return model.projector(hidden), extra
 

@@ -23,7 +23,7 @@ from transformer_lens.hook_points import HookPoint
 from ..components import NORMS
 from ..components.attention import Segments
 from ..config import VisionCfg
-from .qwen_vit import PatchMerger, QwenViTTower, _check_grid, frame_segments, vision_rotary_positions
+from .qwen_vit import PatchMerger, QwenGrid, QwenViTTower, plan_grid, vision_rotary_positions
 
 
 def _axis_taps(index: Tensor, size: Tensor, side: int) -> tuple[Tensor, Tensor]:
@@ -64,10 +64,11 @@ class Qwen3ViTTower(QwenViTTower):
         self.pos_embed = nn.Parameter(torch.zeros(num_position_embeddings, cfg.d_model))
         self.hook_embed = HookPoint()  # patches + resampled positions, the first block's input [1, n_patches, d]
 
-    def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Float[Tensor, "n_patches d"], list[Tensor]]:
+    def forward(self, pixel_values: Tensor, grid: QwenGrid | Tensor) -> tuple[Float[Tensor, "n_patches d"], list[Tensor]]:
+        """As QwenViTTower.forward (`grid`: the call's QwenGrid, or image_grid_thw), plus the DeepStack levels."""
         cfg = self.cfg
-        _check_grid(pixel_values, grid_thw, cfg)
-        grid_thw = grid_thw.cpu().long()
+        grid = grid if isinstance(grid, QwenGrid) else plan_grid(pixel_values, grid, cfg)
+        grid_thw = grid.grid_thw
         dev = self.patch_embed.weight.device
         x = self.hook_patch_embed(self.patch_embed(pixel_values.to(dev, self.patch_embed.weight.dtype))[None])
         index, weight = position_interpolation(grid_thw, self.side, cfg.spatial_merge_size)
@@ -75,7 +76,7 @@ class Qwen3ViTTower(QwenViTTower):
         pos = (self.pos_embed[index.to(dev)] * weight.to(dev)[..., None]).sum(1)
         x = self.hook_embed(x + pos.to(x.dtype))
         cos, sin = self.rotary(grid_thw, dev)
-        mask = Segments(frame_segments(grid_thw))
+        mask = Segments(grid.frames)
         levels = []
         for i, block in enumerate(self.blocks):
             x = block(x, (cos, sin), mask)

@@ -25,6 +25,8 @@ processor order (merge units), so the patch in window-order row i is processor r
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -100,6 +102,29 @@ def window_partition(grid_thw: Tensor, merge: int, window_size: int, patch_size:
     return torch.cat(index), torch.cat(lengths)
 
 
+@dataclass(frozen=True)
+class QwenGrid:
+    """One call's images as the tower sees them, checked and partitioned once (`plan_grid`): the grid
+    [n_images, 3] (long, CPU), the per-frame attention segments, and Qwen2.5-VL's window partition (None without
+    windows): `window_index` [n_merged_tokens] (processor-order merge units, window by window) and the window
+    segments' lengths in patches."""
+
+    grid_thw: Tensor
+    frames: Tensor
+    window_index: Tensor | None = None
+    window_lengths: Tensor | None = None
+
+
+def plan_grid(pixel_values: Tensor, grid_thw: Tensor, cfg: VisionCfg) -> QwenGrid:
+    """Check `grid_thw` against `pixel_values` (plain messages) and compute the attention segments once."""
+    _check_grid(pixel_values, grid_thw, cfg)
+    grid_thw = grid_thw.cpu().long()
+    index = lengths = None
+    if cfg.window_size:
+        index, lengths = window_partition(grid_thw, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size)
+    return QwenGrid(grid_thw, frame_segments(grid_thw), index, lengths)
+
+
 class QwenViTTower(nn.Module):
     """Patch embedding, 2-D rotary and bidirectional blocks; returns the last block's output [n_patches, d]
     (in window order for Qwen2.5-VL: the PatchMerger undoes it)."""
@@ -130,24 +155,23 @@ class QwenViTTower(nn.Module):
             return None
         return window_partition(grid_thw.cpu(), self.cfg.spatial_merge_size, self.cfg.window_size, self.cfg.patch_size)[0]
 
-    def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> Float[Tensor, "n_patches d"]:
-        """pixel_values [n_patches, C*T*P*P], grid_thw [n_images, 3] (validated here, with plain messages)."""
+    def forward(self, pixel_values: Tensor, grid: QwenGrid | Tensor) -> Float[Tensor, "n_patches d"]:
+        """pixel_values [n_patches, C*T*P*P]; `grid` the call's `QwenGrid` (the family's plan), or image_grid_thw
+        [n_images, 3] (then checked and partitioned here)."""
         cfg = self.cfg
-        _check_grid(pixel_values, grid_thw, cfg)
-        grid_thw = grid_thw.cpu().long()
+        grid = grid if isinstance(grid, QwenGrid) else plan_grid(pixel_values, grid, cfg)
         dev = self.patch_embed.weight.device
         x = self.hook_patch_embed(self.patch_embed(pixel_values.to(dev, self.patch_embed.weight.dtype))[None])
-        cos, sin = self.rotary(grid_thw, dev)
-        full_mask = Segments(frame_segments(grid_thw))
+        cos, sin = self.rotary(grid.grid_thw, dev)
+        full_mask = Segments(grid.frames)
         window_mask = full_mask
-        if cfg.window_size:
-            index, lengths = window_partition(grid_thw, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size)
+        if grid.window_index is not None:
             unit = cfg.spatial_merge_size**2
-            order = (index[:, None] * unit + torch.arange(unit)).flatten().to(dev)
+            order = (grid.window_index[:, None] * unit + torch.arange(unit)).flatten().to(dev)
             x, cos, sin = x[:, order], cos[:, order], sin[:, order]
-            window_mask = Segments(lengths)
+            window_mask = Segments(grid.window_lengths)
         for i, block in enumerate(self.blocks):
-            mask = full_mask if (not cfg.window_size or i in cfg.fullatt_block_indexes) else window_mask
+            mask = full_mask if (grid.window_index is None or i in cfg.fullatt_block_indexes) else window_mask
             x = block(x, (cos, sin), mask)
         return x[0]
 
@@ -179,4 +203,4 @@ class PatchMerger(nn.Module):
         return self.hook_out(x)
 
 
-__all__ = ["QwenViTTower", "PatchMerger", "window_partition", "vision_rotary_positions"]
+__all__ = ["QwenViTTower", "PatchMerger", "QwenGrid", "plan_grid", "window_partition", "vision_rotary_positions"]

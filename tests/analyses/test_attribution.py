@@ -98,8 +98,8 @@ def test_close_to_real_patching_for_small_differences(hf):
     real = patch_heads(model, clean, corrupt, metric, progress=False).effect()
     corr = torch.corrcoef(torch.stack([real.flatten(), attr["z"].flatten()]))[0, 1]
     assert corr > 0.999 and (real - attr["z"]).abs().max() < 0.05 * real.abs().max()
-    # a plain hook name: one score per image token
-    assert attr["projector.hook_out"].shape == ((model.cfg.vision.image_size // model.cfg.vision.patch_size) ** 2,)
+    # a plain hook name: one score per image token (projector.hook_out is [n_image_tokens, d], reading order)
+    assert attr["projector.hook_out"].shape == (int(model.layout(clean).is_image.sum()),)
     fig = plot_attribution(attr, "resid_pre", model.layout(clean))
     assert fig.data[0].z.shape == attr["resid_pre"].shape
     assert plot_attribution(attr, "z").data[0].z.shape == attr["z"].shape

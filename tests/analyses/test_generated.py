@@ -33,7 +33,7 @@ def test_generated_answers_under_knockout(organism):
     # the first generated word under the knockout is the forward knockout's argmax (same queries, keys, layers)
     table = narrow_gate.knockout_table(model, batch.inputs, batch.accuracy(), ["all_image"], per_prompt=True,
                                        progress=False)
-    assert torch.equal(generated.exact_match(texts["all_image"], [s.answer for s in samples]), table["all_image"].bool())
+    assert torch.equal(generated.exact_match(texts["all_image"], [s.answer for s in samples]), table.scores[0].bool())
     f1 = generated.caption_table(texts)
     assert f1["baseline"] == 1.0 and f1["all_image"] < f1["end_of_image"]
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hooked_vlm.analyses.metrics import LogitDiff, final_logits
+from hooked_vlm.analyses.toolkit import SweepResult
 from hooked_vlm.analyses.narrow_gate import (
     KNOCKOUT_CONDITIONS,
     key_positions,
@@ -81,7 +82,8 @@ def test_empty_key_set_is_identity(setup):
     torch.testing.assert_close(out, explicit, rtol=0, atol=0)
     torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)  # explicit vs fused attention: round-off only
     table = knockout_table(model, inputs, metric, conditions=("none",), per_prompt=True, progress=False)
-    torch.testing.assert_close(table["none"], table["baseline"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(table.scores[0], table.clean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(table.effect(), torch.zeros(1, 2), rtol=0, atol=1e-5)
 
 
 def test_full_row_knockout_zeroes_the_head_output(setup):
@@ -166,12 +168,25 @@ def test_renormalised_knockout_removes_the_image(setup):
 def test_table_batched_equals_single_runs(setup):
     model, inputs, _, metric = setup
     lay = model.layout(inputs)
-    tables = [knockout_table(model, inputs, metric, per_prompt=True, batch_size=bs, seed=3, progress=False) for bs in (1, 3)]
+    results = [knockout_table(model, inputs, metric, per_prompt=True, batch_size=bs, seed=3, progress=False) for bs in (1, 3)]
+    # the toolkit's one result type: scores [condition, batch], the unedited run as `clean`, no counterfactual
+    res = results[0]
+    assert isinstance(res, SweepResult) and res.dims == ("condition",) and res.direction == "noise"
+    assert res.labels["condition"] == list(KNOCKOUT_CONDITIONS) and res.scores.shape == (len(KNOCKOUT_CONDITIONS), 2)
+    torch.testing.assert_close(res.clean, metric(model(**inputs)), rtol=0, atol=1e-5)
+    assert res.corrupt.isnan().all()
+    tables = [r.table() for r in results]
     assert list(tables[0]) == ["baseline", *KNOCKOUT_CONDITIONS]
-    for label in KNOCKOUT_CONDITIONS:
+    for i, label in enumerate(KNOCKOUT_CONDITIONS):
         torch.testing.assert_close(tables[0][label], tables[1][label], rtol=0, atol=1e-5)
         single = metric(run_with_knockout(model, inputs, label, seed=3))
         torch.testing.assert_close(tables[0][label], single, rtol=0, atol=1e-5)
+        torch.testing.assert_close(res.effect()[i], single - res.clean, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="one labelled axis"):
+        SweepResult(torch.zeros(2, 3), res.clean, res.corrupt, dims=("layer", "pos")).table()
+    mean = knockout_table(model, inputs, metric, seed=3, progress=False)  # not per prompt: means over prompts
+    torch.testing.assert_close(mean.scores, res.scores.mean(-1), rtol=0, atol=1e-6)
+    assert mean.clean.ndim == 0
     # LLaVA has no end-of-image marker: its end-of-image position is the first text token after the image (the
     # paper's choice), a different key from the last image token
     assert not lay.has_end_of_image_token
@@ -180,8 +195,9 @@ def test_table_batched_equals_single_runs(setup):
     custom = knockout_table(model, inputs, metric, conditions={"eoi_L0H0": lay.end_of_image()}, layers=[0], heads=[0],
                             progress=False)
     ref = metric(run_with_knockout(model, inputs, lay.end_of_image(), layers=[0], heads=[0])).mean()
-    torch.testing.assert_close(custom["eoi_L0H0"], ref, rtol=0, atol=1e-5)
-    fig = plot_knockout_table(tables[0])
+    torch.testing.assert_close(custom.table()["eoi_L0H0"], ref, rtol=0, atol=1e-5)
+    assert custom.labels["layers"] == [0] and custom.labels["heads"] == [0]
+    fig = plot_knockout_table(results[0])
     assert list(fig.data[0].x) == ["baseline", *KNOCKOUT_CONDITIONS]
 
 
@@ -224,7 +240,7 @@ def test_qwen2_vl_end_of_image_marker():
     assert not (q & eoi).any() and not (q & lay.image_positions()).any()
     metric = LogitDiff(torch.tensor([3, 4]), torch.tensor([5, 6]), inputs["attention_mask"])
     table = knockout_table(model, inputs, metric, conditions=("none", "end_of_image", "last_image_token", "random_2"),
-                           per_prompt=True, progress=False)
+                           per_prompt=True, progress=False).table()
     torch.testing.assert_close(table["none"], table["baseline"], rtol=1e-5, atol=1e-5)
     assert (table["end_of_image"] - table["last_image_token"]).abs().max() > 1e-4
 
@@ -243,7 +259,7 @@ def test_organism_has_no_narrow_gate():
     model = HookedVLM.from_pretrained(str(ORGANISM_DIR))
     pairs = ShapesGenerator(5).pairs(16, "swap_shapes", "shape_item")
     clean, cf = encode(model.processor, [p[0] for p in pairs]), encode(model.processor, [p[1] for p in pairs])
-    table = knockout_table(model, clean.inputs, clean.accuracy(), progress=False)
+    table = knockout_table(model, clean.inputs, clean.accuracy(), progress=False).table()
     assert table["baseline"] >= 0.9 and table["end_of_image"] >= 0.9
     assert table["all_image"] <= 0.7
     steer = steer_end_of_image(model, clean.inputs, cf.inputs, cf.answer)

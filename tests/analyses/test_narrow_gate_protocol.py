@@ -48,11 +48,11 @@ def test_knockout_protocol_rows_match_the_tables_and_carry_intervals(setup):
     for s, value in enumerate(random.per_seed):  # each seed's mean is the table's for that key set
         t = knockout_table(model, inputs, metric, {"r": lay.random_image_tokens(1, seed=s)}, per_prompt=True,
                            progress=False)
-        assert value == pytest.approx(float(t["r"].mean()), abs=1e-5)
+        assert value == pytest.approx(float(t.scores[0].mean()), abs=1e-5)
     assert random.estimate.value == pytest.approx(sum(random.per_seed) / 3, abs=1e-6)
     assert random.estimate.ci_low <= random.estimate.value <= random.estimate.ci_high
     eoi = [r for r in rows if r.condition == "end_of_image" and not r.renormalize][0]
-    direct = knockout_table(model, inputs, metric, ("end_of_image",), per_prompt=True, progress=False)["end_of_image"]
+    direct = knockout_table(model, inputs, metric, ("end_of_image",), per_prompt=True, progress=False).table()["end_of_image"]
     assert eoi.estimate.value == pytest.approx(float(direct.mean()), abs=1e-5) and eoi.estimate.n == 4
     assert eoi.control is not None and eoi.to_dict()["control"]["n"] == 4
     assert rows[0].estimate.method == "bootstrap"  # logit differences: bootstrap; accuracies: Wilson

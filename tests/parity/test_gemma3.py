@@ -25,7 +25,7 @@ def compare(hf, model, inputs, tol=1e-4, pattern_tol=1e-5, case=""):
     if inputs.get("pixel_values") is not None:
         with torch.no_grad():
             feats = hf.model.get_image_features(inputs["pixel_values"]).pooler_output
-        d["image_features"] = (feats - cache["projector.hook_out"]).abs().max().item()
+        d["image_features"] = (feats.flatten(0, 1) - cache["projector.hook_out"]).abs().max().item()  # flat contract
     MEASURED[case] = d
     print(case, {k: f"{v:.1e}" for k, v in d.items()})
     assert max(v for k, v in d.items() if k != "pattern") <= tol, d
@@ -205,7 +205,7 @@ def test_hook_shapes_of_gemma_specific_hooks(tiny):
     assert shapes["blocks.0.attn.q_norm.hook_normalized"] == (b, p, 4, 16)
     assert shapes["blocks.0.attn.k_norm.hook_scale"] == (b, p, 2, 1)
     assert shapes["vision.ln_post.hook_normalized"] == (3, 16, 32)
-    assert shapes["projector.hook_pooled"] == (3, 4, 32) and shapes["projector.hook_out"] == (3, 4, 48)
+    assert shapes["projector.hook_pooled"] == (3, 4, 32) and shapes["projector.hook_out"] == (12, 48)
 
 
 def test_post_norm_hooks_are_what_is_added(tiny):

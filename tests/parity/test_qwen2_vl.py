@@ -122,7 +122,8 @@ class QwenVLSuite:
         ids = torch.tensor([[0, 0, 5, QWEN_VSTART] + [QWEN_IMAGE] * 6 + [QWEN_VEND, 6, 7]])
         inputs = dict(input_ids=ids, attention_mask=(torch.arange(13) >= 2).long()[None],
                       mm_token_type_ids=(ids == QWEN_IMAGE).int(), image_grid_thw=torch.tensor([[1, 4, 6]]))
-        pos = model.family.position_ids(model, **inputs)
+        fam, image = model.family, {k: inputs[k] for k in ("mm_token_type_ids", "image_grid_thw")}
+        pos = fam.position_ids(model, ids, inputs["attention_mask"], fam.plan(model, ids, **image))
         assert torch.equal(pos, rope_index(hf, inputs))
         pos = pos[:, 0]
         expected = [[0, 1, 2, 2, 2, 2, 2, 2, 5, 6, 7], [0, 1, 2, 2, 2, 3, 3, 3, 5, 6, 7], [0, 1, 2, 3, 4, 2, 3, 4, 5, 6, 7]]
@@ -136,7 +137,8 @@ class QwenVLSuite:
                 arr[8 * r : 8 * r + 8, 8 * c : 8 * c + 8, 0] = 20 + 30 * r + 70 * c  # one colour per merged token
         px = qwen_image_processor()(images=[Image.fromarray(arr)], return_tensors="pt")
         ids = torch.zeros(1, 1, dtype=torch.long)  # not read
-        (coords,) = model.family.image_coords(model, ids, pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"])
+        (coords,) = model.family.image_coords(model, model.family.plan(model, ids, pixel_values=px["pixel_values"],
+                                                                       image_grid_thw=px["image_grid_thw"]))
         red = px["pixel_values"].view(6, 4, 3, 2, 4, 4)[:, :, 0]  # [token, 4 patches, T, P, P], channel 0
         level = {float(red[k].mean()): (int(coords.row[k]), int(coords.col[k])) for k in range(6)}
         assert all(red[k].std() < 1e-6 for k in range(6))  # each merged token's 4 patches are one 8x8 block
@@ -175,11 +177,16 @@ class QwenVLSuite:
             model(**inputs, video_grid_thw=torch.tensor([[2, 4, 4]]))
         with pytest.raises(ValueError, match="image_grid_thw describes 24 patches but pixel_values has 20"):
             model(**dict(inputs, pixel_values=inputs["pixel_values"][:20]))
-        text = {k: inputs[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        fam, ids, mask = model.family, inputs["input_ids"], inputs["attention_mask"]
+
+        def positions(grid):
+            plan = fam.plan(model, ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=grid)
+            return fam.position_ids(model, ids, mask, plan)
+
         with pytest.raises(ValueError, match="has 6 tokens but its image_grid_thw row 0 \\[1, 4, 2\\] gives 2"):
-            model.family.position_ids(model, **text, image_grid_thw=torch.tensor([[1, 4, 2], [1, 4, 4]]))
+            positions(torch.tensor([[1, 4, 2], [1, 4, 4]]))
         with pytest.raises(ValueError, match="image_grid_thw has 2 rows but the prompts hold 1"):
-            model.family.position_ids(model, **text, image_grid_thw=torch.tensor([[1, 4, 6], [1, 2, 2]]))
+            positions(torch.tensor([[1, 4, 6], [1, 2, 2]]))
 
 
 class TestQwen2VL(QwenVLSuite):

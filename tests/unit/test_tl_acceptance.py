@@ -120,9 +120,13 @@ def test_full_resid_decomposition_sums_to_the_residual(organism):
 def test_batch_dim_slicing_and_removal(organism):
     model, inputs, _, _, cache = organism
     part = cache.apply_slice_to_batch_dim(Slice((1, 3)))
-    assert part.has_batch_dim and all(torch.equal(cache[k][1:3], part[k]) for k in cache.cache_dict)
+    rows = cache["projector.hook_out"].shape[0] // inputs["input_ids"].shape[0]  # one image per prompt
+    batched = [k for k in cache.cache_dict if k != "projector.hook_out"]  # [n_image_tokens, d]: rows by prompt
+    assert part.has_batch_dim and all(torch.equal(cache[k][1:3], part[k]) for k in batched)
+    assert torch.equal(part["projector.hook_out"], cache["projector.hook_out"][rows : 3 * rows])
     one = cache.apply_slice_to_batch_dim(2)
-    assert not one.has_batch_dim and all(torch.equal(cache[k][2], one[k]) for k in cache.cache_dict)
+    assert not one.has_batch_dim and all(torch.equal(cache[k][2], one[k]) for k in batched)
+    assert torch.equal(one["projector.hook_out"], cache["projector.hook_out"][2 * rows : 3 * rows])
     with pytest.raises(AssertionError):
         cache.remove_batch_dim()
     with pytest.raises(ValueError, match="batch of one"):
