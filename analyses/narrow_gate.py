@@ -235,6 +235,7 @@ def steer_end_of_image(
     layers: int | Sequence[int] | None = None,
     image: int = -1,
     candidates: Tensor | Sequence[int] | None = None,
+    positions: Tensor | None = None,
 ) -> SteeringResult:
     """Patch the end-of-image token's residual stream at every layer (or `layers`) with its value from
     `source_inputs` (the same prompts with another image; prompt i is steered by source prompt i) and count
@@ -244,12 +245,22 @@ def steer_end_of_image(
                    another [batch, pos, d_model] kind / template.
     source_answer: token ids [batch] (or one id) of the answer the source image should produce.
     candidates:    restrict the answer argmax to these token ids (e.g. the task's answer words).
+    positions:     bool [batch, pos], one position per prompt, to patch instead of the end-of-image token, the same
+                   position in both runs (e.g. a random text position: the control of the same intervention).
     The end-of-image positions are found separately in each run's layout, so the two runs may differ in length.
     """
     template = hook_template(hook)
     names = [template.format(layer=layer) for layer in resolve_layers(model, template, layers)]
-    t_eoi = model.layout(inputs).end_of_image(image).int().argmax(1)
-    s_eoi = model.layout(source_inputs).end_of_image(image).int().argmax(1)
+    if positions is None:
+        t_eoi = model.layout(inputs).end_of_image(image).int().argmax(1)
+        s_eoi = model.layout(source_inputs).end_of_image(image).int().argmax(1)
+    else:
+        pos = torch.as_tensor(positions).bool().cpu()
+        shapes = {tuple(model.layout(x).shape) for x in (inputs, source_inputs)}
+        if len(shapes) != 1 or pos.shape != next(iter(shapes)) or not bool((pos.sum(1) == 1).all()):
+            raise ValueError("positions: expected a bool [batch, pos] mask with one position per prompt, for inputs "
+                             f"and source_inputs of the same shape; got a mask {tuple(pos.shape)} for runs {sorted(shapes)}")
+        t_eoi = s_eoi = pos.int().argmax(1)
     if len(t_eoi) != len(s_eoi):
         raise ValueError(f"inputs have {len(t_eoi)} prompts but source_inputs {len(s_eoi)}")
     _, cache = run_cached(model, source_inputs, names)
