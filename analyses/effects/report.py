@@ -77,7 +77,8 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
             "|---|---|---|---|---|---|---|"]
     for r in rows:
         verdict = r["verdict"] if _agrees(r) else f"**{r['verdict']}** (disagrees)"
-        out.append(f"| `{r['organism']}` | {r['paper']} | {r['effect']} | {r['expected']} | {_interval(r)} | "
+        effect = str(r["effect"]).replace("|", "\\|")  # a pipe inside a cell would split it
+        out.append(f"| `{r['organism']}` | {r['paper']} | {effect} | {r['expected']} | {_interval(r)} | "
                    f"{_bound(r)} | {verdict} |")
     out += ["", "### Confusion matrix per paper", "", "Counts of findings (rows).", ""]
     for p in papers:
