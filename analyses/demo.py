@@ -25,9 +25,13 @@ QUERY_NAMES = {"shape_item": "shape -> item", "colour_item": "colour -> item (te
                "shape_colour": "shape -> colour (image only)", "scene": "scene description -> other colour"}
 
 
-def _scenes(seed: int, scene_layout: str) -> ShapesGenerator:
-    """Scenes like the ones the organism was trained on (`scene_layout` from its record)."""
-    return ShapesGenerator(seed, scene_layout)
+def _scenes(seed: int, scene_layout: str, n_objects: int = 2) -> ShapesGenerator:
+    """Scenes like the ones the organism was trained on (`scene_layout` and `n_objects` from its record)."""
+    return ShapesGenerator(seed, scene_layout, n_objects)
+
+
+# sections written for two-object scenes only; on a 3-object organism the demo skips them and says so
+TWO_OBJECT_SECTIONS = ("generated", "heads", "binding", "spatial")
 
 
 def _rate(x: torch.Tensor) -> dict[str, float | int]:
@@ -43,13 +47,13 @@ def _fmt(e: dict[str, Any] | Estimate | None) -> str:
     return f"{d['value']:.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}]"
 
 
-def accuracy_section(model: HookedVLM, report: Report, n: int, seed: int,
-                     scene_layout: str = "fixed") -> dict[str, dict[str, dict[str, float | int]]]:
+def accuracy_section(model: HookedVLM, report: Report, n: int, seed: int, scene_layout: str = "fixed",
+                     n_objects: int = 2) -> dict[str, dict[str, dict[str, float | int]]]:
     acc: dict[str, dict[str, dict[str, float | int]]] = {}
     for split in ("heldout", "train"):
         acc[split] = {}
         for qi, query in enumerate(progress_bar(QUERY_NAMES, desc=f"accuracy ({split})")):
-            batch = encode(model.processor, _scenes(seed + 101 * qi, scene_layout).samples(n, query, split=split))
+            batch = encode(model.processor, _scenes(seed + 101 * qi, scene_layout, n_objects).samples(n, query, split=split))
             acc[split][query] = _rate(predictions(model, batch) == batch.answer)
     rows = [dict(query=QUERY_NAMES[q], heldout_combinations=_fmt(acc["heldout"][q]),
                  training_distribution=_fmt(acc["train"][q])) for q in QUERY_NAMES]
@@ -60,13 +64,13 @@ def accuracy_section(model: HookedVLM, report: Report, n: int, seed: int,
     return acc
 
 
-def counterfactual_section(model: HookedVLM, report: Report, n: int, seed: int,
-                           scene_layout: str = "fixed") -> dict[str, dict[str, float | int]]:
+def counterfactual_section(model: HookedVLM, report: Report, n: int, seed: int, scene_layout: str = "fixed",
+                           n_objects: int = 2) -> dict[str, dict[str, float | int]]:
     checks = [("swap_shapes", "shape_item", True), ("swap_colours", "shape_item", True),
               ("swap_positions", "shape_item", False), ("swap_shapes", "colour_item", False)]
     rates = {}
     for kind, query, flips in progress_bar(checks, desc="counterfactuals"):
-        pairs = _scenes(seed + 7, scene_layout).pairs(n, kind, query, split="heldout")
+        pairs = _scenes(seed + 7, scene_layout, n_objects).pairs(n, kind, query, split="heldout")
         clean, cf = encode(model.processor, [p[0] for p in pairs]), encode(model.processor, [p[1] for p in pairs])
         pred = predictions(model, cf)
         # flip: the model now gives the other object's item; keep: it still gives the clean answer
@@ -81,11 +85,11 @@ def counterfactual_section(model: HookedVLM, report: Report, n: int, seed: int,
     return rates
 
 
-def narrow_gate_section(model: HookedVLM, report: Report, n: int, seed: int,
-                        scene_layout: str = "fixed") -> dict[str, Any]:
+def narrow_gate_section(model: HookedVLM, report: Report, n: int, seed: int, scene_layout: str = "fixed",
+                        n_objects: int = 2) -> dict[str, Any]:
     """2412.06646's protocol: knockout conditions with and without renormalisation, random 2% over 5 seeds, the
     text-only colour -> item query as the control beside every condition; steering one layer at a time."""
-    gen = _scenes(seed + 11, scene_layout)
+    gen = _scenes(seed + 11, scene_layout, n_objects)
     batch = encode(model.processor, gen.samples(n, "shape_item", split="heldout"))
     control = encode(model.processor, gen.samples(n, "colour_item", split="heldout"))
     lay = model.layout(batch.inputs)
@@ -104,12 +108,12 @@ def narrow_gate_section(model: HookedVLM, report: Report, n: int, seed: int,
                "Attention from every text token after the image to the chosen keys is knocked out in all layers and "
                "heads (arXiv 2412.06646): post-softmax weights zeroed without renormalisation (the paper), and, beside "
                "it, renormalised (the scores masked, so the knocked-out keys leave the softmax too). Shape queries need "
-               "the image (chance is 0.5); the text-only colour -> item query is the control, run under the same "
+               f"the image (chance is {'0.5' if n_objects == 2 else f'1/{n_objects}'}); the text-only colour -> item query is the control, run under the same "
                f"knockouts. The end-of-image position is {eoi_name}. Random: {rows[3].n_keys} of {n_img} image tokens "
                "(about 2%), mean over 5 seeds with a t interval over the seeds. 95% intervals; "
                f"{n} held-out prompts.", fig=fig, rows=table)
     # steering: the end-of-image state from the same prompt with the shapes swapped, one layer at a time
-    pairs = _scenes(seed + 13, scene_layout).pairs(n, "swap_shapes", "shape_item", split="heldout")
+    pairs = _scenes(seed + 13, scene_layout, n_objects).pairs(n, "swap_shapes", "shape_item", split="heldout")
     clean, cf = encode(model.processor, [p[0] for p in pairs]), encode(model.processor, [p[1] for p in pairs])
     sweep = {variant: narrow_gate.steering_sweep(model, clean.inputs, cf.inputs, cf.answer, variant=variant)
              for variant in ("resid", "attn_input")}
@@ -128,9 +132,9 @@ def narrow_gate_section(model: HookedVLM, report: Report, n: int, seed: int,
                 steering_best=dict(best.flipped.to_dict(), layer=best.layer, variant=best.variant))
 
 
-def patching_section(model: HookedVLM, report: Report, n: int, seed: int,
-                        scene_layout: str = "fixed") -> dict[str, Any]:
-    pairs = _scenes(seed + 17, scene_layout).pairs(min(n, 64), "swap_shapes", "shape_item", split="heldout")
+def patching_section(model: HookedVLM, report: Report, n: int, seed: int, scene_layout: str = "fixed",
+                     n_objects: int = 2) -> dict[str, Any]:
+    pairs = _scenes(seed + 17, scene_layout, n_objects).pairs(min(n, 64), "swap_shapes", "shape_item", split="heldout")
     clean, cf = encode(model.processor, [p[0] for p in pairs]), encode(model.processor, [p[1] for p in pairs])
     res = patching.patch_resid_by_layer_and_position(model, clean.inputs, cf.inputs, clean.logit_diff(),
                                                      direction="denoise", progress=False)
@@ -286,6 +290,14 @@ def planted_section(report: Report, record: dict[str, Any] | None) -> list[dict[
                "Part of this organism's circuit was PLANTED by an auxiliary attention loss during the first training "
                "steps (these heads were told where to look); it is ground truth for checking the tools, not a finding "
                "about real VLMs. Everything else it does was learned freely.", rows=rows)
+    mechanism = record.get("planted_mechanism")
+    if mechanism:  # an effect organism (issue 19): one paper's effect planted by construction
+        truth = record.get("ground_truth", {})
+        report.add("Planted effect",
+                   f"This organism has one paper's effect PLANTED by construction: {mechanism.get('effect', '')}. How: "
+                   + "; ".join(mechanism.get("how", [])) + ". Expected of the papers' detectors (ground_truth): "
+                   + "; ".join(f"{p}: {t['expected']} ({t.get('effect', '')})" for p, t in truth.items())
+                   + ". <code>hooked-vlm bench-effects</code> runs them.")
     return rows
 
 
@@ -325,26 +337,29 @@ def run_demo(model_path: str | None = None, out_dir: str = "report", n: int = 25
     record_file = Path(path) / "organism.json"
     record = json.loads(record_file.read_text()) if record_file.exists() else None
     task = (record or {}).get("task", {})
-    if task.get("n_objects", 2) != 2:
-        raise ValueError(f"{path} is a {task['n_objects']}-object organism; the demo's binding sections are written for "
-                         "two-object scenes. Use `hooked-vlm bench-circuits --model ...` or the analyses directly.")
-    scene_layout = task.get("layout", "fixed")
+    scene_layout, n_objects = task.get("layout", "fixed"), int(task.get("n_objects", 2))
     report = Report(
         "hooked_vlm demo: binding in the Shapes organism",
         f"Model: <code>{path}</code> ({model.cfg.family}, {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, "
         f"d_model {model.cfg.d_model}). Every number below was measured in this run by <code>hooked-vlm demo</code>.")
     summary: dict[str, Any] = dict(model=path, n=n, seed=seed)
-    steps = [("accuracy", lambda: accuracy_section(model, report, n, seed, scene_layout)),
-             ("counterfactuals", lambda: counterfactual_section(model, report, n, seed, scene_layout)),
-             ("narrow_gate", lambda: narrow_gate_section(model, report, n, seed, scene_layout)),
+    steps = [("accuracy", lambda: accuracy_section(model, report, n, seed, scene_layout, n_objects)),
+             ("counterfactuals", lambda: counterfactual_section(model, report, n, seed, scene_layout, n_objects)),
+             ("narrow_gate", lambda: narrow_gate_section(model, report, n, seed, scene_layout, n_objects)),
              ("generated", lambda: generated.generated_section(model, report, n, seed, scene_layout)),
-             ("patching", lambda: patching_section(model, report, n, seed, scene_layout)),
+             ("patching", lambda: patching_section(model, report, n, seed, scene_layout, n_objects)),
              ("heads", lambda: heads_section(model, report, n, seed, scene_layout)),
              ("binding", lambda: binding_section(model, report, n, seed)),
              ("spatial", lambda: spatial_section(model, report, n, seed, scene_layout)),
              ("planted_circuit", lambda: planted_section(report, record)),
              ("circuit_recovery", lambda: circuit_section(model, report, record, n, seed))]
     summary["section_seconds"] = {}
+    if n_objects != 2:  # the sections written for two-object scenes are skipped, visibly
+        summary["skipped_sections"] = list(TWO_OBJECT_SECTIONS)
+        steps = [(name, step) for name, step in steps if name not in TWO_OBJECT_SECTIONS]
+        report.add("Sections skipped for this organism",
+                   f"This is a {n_objects}-object organism; the sections {', '.join(TWO_OBJECT_SECTIONS)} are written "
+                   "for two-object scenes and were not run. The others use this organism's own scenes.")
     for name, step in progress_bar(steps, desc="demo", leave=True):
         t = time.perf_counter()
         with torch.enable_grad() if name in ("patching", "circuit_recovery", "spatial") else torch.no_grad():

@@ -243,6 +243,7 @@ def steer_end_of_image(
     layers: int | Sequence[int] | None = None,
     image: int = -1,
     candidates: Tensor | Sequence[int] | None = None,
+    positions: Tensor | None = None,
 ) -> SteeringResult:
     """Run `clean` with the end-of-image token's residual stream at every layer (or `layers`) taken from the
     `corrupt` run (the same prompts with another image; prompt i is steered by corrupt prompt i: the "noise"
@@ -252,12 +253,22 @@ def steer_end_of_image(
                     another [batch, pos, d_model] kind / template.
     corrupt_answer: token ids [batch] (or one id) of the answer the corrupt image should produce.
     candidates:     restrict the answer argmax to these token ids (e.g. the task's answer words).
+    positions:      bool [batch, pos], one position per prompt, to patch instead of the end-of-image token, the same
+                    position in both runs (e.g. a random text position: the control of the same intervention).
     The end-of-image positions are found separately in each run's layout, so the two runs may differ in length.
     """
     template = hook_template(hook)
     names = [template.format(layer=layer) for layer in resolve_layers(model, template, layers)]
-    t_eoi = model.layout(clean).end_of_image(image).int().argmax(1)
-    s_eoi = model.layout(corrupt).end_of_image(image).int().argmax(1)
+    if positions is None:
+        t_eoi = model.layout(clean).end_of_image(image).int().argmax(1)
+        s_eoi = model.layout(corrupt).end_of_image(image).int().argmax(1)
+    else:
+        pos = torch.as_tensor(positions).bool().cpu()
+        shapes = {tuple(model.layout(x).shape) for x in (clean, corrupt)}
+        if len(shapes) != 1 or pos.shape != next(iter(shapes)) or not bool((pos.sum(1) == 1).all()):
+            raise ValueError("positions: expected a bool [batch, pos] mask with one position per prompt, for clean "
+                             f"and corrupt of the same shape; got a mask {tuple(pos.shape)} for runs {sorted(shapes)}")
+        t_eoi = s_eoi = pos.int().argmax(1)
     if len(t_eoi) != len(s_eoi):
         raise ValueError(f"clean has {len(t_eoi)} prompts but corrupt {len(s_eoi)}")
     _, cache = run_cached(model, corrupt, names)

@@ -1,4 +1,4 @@
-"""`hooked-vlm` command line: demo (the main job), train-organism."""
+"""`hooked-vlm` command line: demo (the main job), train-organism, bench-circuits, bench-effects."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", default="report", help="writes circuits.md and circuits.json here")
     bench.add_argument("--n", type=int_at_least(1), default=64)
     bench.add_argument("--seed", type=int, default=0)
+    effects = sub.add_parser("bench-effects", help="each paper's effect detector on the organisms whose organism.json "
+                             "has a ground_truth: does it say yes where the effect was planted and no where it is absent?")
+    effects.add_argument("--model", default=None, nargs="*",
+                         help="organism directories or shipped names (default: every shipped organism whose "
+                              "organism.json has a ground_truth)")
+    effects.add_argument("--json", default=None, metavar="FILE",
+                         help="write the JSON list of rows here (default: print it)")
+    effects.add_argument("--n", type=int_at_least(1), default=64, help="prompts per measurement (default 64)")
+    effects.add_argument("--seed", type=int, default=0)
+    effects.add_argument("--write-record", action="store_true",
+                         help="also store each organism's rows (and the detector's full measurement) in its "
+                              "organism.json under effect_detectors")
     if argv[:1] == ["train-organism"]:
         from .organism.train import main as train_main
 
@@ -56,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(model_path=args.model, out_dir=args.out, n=args.n, seed=args.seed, force=args.force)
     elif args.command == "bench-circuits":
         _bench_circuits(args)
+    elif args.command == "bench-effects":
+        from hooked_vlm.analyses.effects.runner import main_cli, resolve_models
+
+        try:
+            resolve_models(args.model)  # an unknown name or a model without ground_truth fails here, not minutes in
+        except (FileNotFoundError, ValueError) as err:
+            effects.error(str(err))
+        return main_cli(args.model, args.json, args.n, args.seed, args.write_record)
     return 0
 
 

@@ -13,15 +13,17 @@ How it is planted (fine-tuning a trained Shapes organism, by default the shipped
    -log(1 - m))``, where m is the attention mass a text row after the image puts on image tokens, keeps that mass
    near zero under plain attention.
 
-The shipped model runs with plain attention (no mask, no hook). `gate_detectors` measures the paper's detectors
-on any Shapes organism (analyses/narrow_gate.py's knockout and steering, Wilson intervals from analyses/toolkit/stats.py).
+The shipped model runs with plain attention (no mask, no hook). The paper's detectors live with the analyses
+(analyses/effects/narrow_gate.py: knockout and steering against random controls, with intervals); the training package
+never imports the analyses, so organism.json gets their numbers from ``hooked-vlm bench-effects --model OUT
+--write-record`` (key ``effect_detectors``), run after training.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from . import shapes as S
@@ -104,12 +106,12 @@ class NarrowGateTask(OrganismTask):
 
     def finish(self, spec: dict[str, Any], cfg: Any, processor: Any, out_dir: Any) -> None:
         spec["note"] = ("The narrow gate is PLANTED (see planted_mechanism): ground truth for the 2412.06646 "
-                        "detectors, not a finding about real VLMs.")
+                        "detectors, not a finding about real VLMs. The detectors' numbers (effect_detectors) are "
+                        "written by `hooked-vlm bench-effects --model <this directory> --n 256 --write-record`.")
         spec["planted_mechanism"] = PLANTED_MECHANISM
         spec["ground_truth"] = {"2412.06646": {"expected": "present", "effect": "narrow gate through <|vision_end|>",
                                                "why": "planted (planted_mechanism)"}}
         spec["accuracy"]["wilson_95"] = accuracy_intervals(spec["accuracy"])
-        spec["narrow_gate_detectors"] = measure_saved(processor, out_dir)
 
 
 def training_record(cfg: Any) -> dict[str, Any]:
@@ -139,25 +141,26 @@ def inherited_circuit(init_from: Any) -> list[dict[str, Any]]:
             for h in PLANTED_HEADS if h["role"] != "image_lookup"]
 
 
-def measure_saved(processor: Any, path: Any, n: int = 256) -> dict[str, Any]:
-    """`gate_detectors` on the checkpoint just written to ``path`` (as a HookedVLM; organism.json is not written yet)."""
-    from ..model import HookedVLM
-
-    return gate_detectors(HookedVLM.from_pretrained(str(path), processor=processor), n=n)
+def wilson(k: int | float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval of k successes in n trials. The same formula as the analyses' `rate`
+    (hooked_vlm.analyses.toolkit.stats), written out here because the training package does not import the analyses."""
+    if n < 1:
+        raise ValueError(f"wilson: n must be >= 1, got {n}")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def accuracy_intervals(accuracy: dict[str, Any]) -> dict[str, Any]:
     """95% Wilson intervals for circuit_report's accuracies ({split: {query: rate}}, n_per_query prompts each)."""
-    from hooked_vlm.analyses.toolkit.stats import rate
-
     n = int(accuracy["n_per_query"])
     out: dict[str, Any] = {}
     for split in ("heldout_combinations", "training_distribution"):
         out[split] = {}
         for query, value in accuracy[split].items():
-            k = int(round(value * n))
-            e = rate(np.array([1.0] * k + [0.0] * (n - k)))
-            out[split][query] = [round(e.ci_low, 4), round(e.ci_high, 4)]
+            lo, hi = wilson(int(round(value * n)), n)
+            out[split][query] = [round(lo, 4), round(hi, 4)]
     return out
 
 
@@ -217,103 +220,6 @@ def eoi_loss(attentions: Sequence[torch.Tensor], scenes: Sequence[S.Scene], imag
             keys = [image[p] for p in scene.object_patches(i)]
             terms.append(attentions[0][b, EOI_HEADS[slot], eoi, keys].sum())
     return -(torch.stack(terms).clamp_min(1e-6)).log().mean()
-
-
-# --------------------------------------------------------------------------------------------- detectors
-
-
-def _inputs(model: Any, samples: Sequence[S.Sample]) -> dict[str, Any]:
-    return dict(model.processor(images=[s.image for s in samples], text=[s.prompt for s in samples],
-                                return_tensors="pt", padding=True))
-
-
-def _two_item_predictions(logits: torch.Tensor, samples: Sequence[S.Sample], tok: Any) -> list[str]:
-    """Answer as the argmax over the two items the context names (chance is then 0.5 exactly)."""
-    out = []
-    for row, s in zip(logits[:, -1], samples):
-        items = sorted(s.scene.items)
-        ids = tok.convert_tokens_to_ids(items)
-        out.append(items[int(row[ids].argmax())])
-    return out
-
-
-@torch.no_grad()
-def gate_detectors(model: Any, n: int = 64, seed: int = 60_000, random_seeds: int = 5,
-                   random_fraction: float = 0.02, steer_layers: bool = True, split: str = "train") -> dict[str, Any]:
-    """The narrow-gate detectors on a Shapes organism (a HookedVLM with its processor), on ``n`` held-out
-    shape -> item prompts: accuracy (two-item argmax and full-vocabulary argmax) at baseline, with text ->
-    <|vision_end|> attention knocked out (every layer and head, post-softmax zeroing without renormalisation),
-    and with text -> a random ``random_fraction`` of image tokens knocked out (at least one token, mean over
-    ``random_seeds`` seeds); steering: the share of answers that become the shape-swapped image's answer when the
-    end-of-image residual (resid_pre) is patched from that image's run, at every layer at once and (with
-    ``steer_layers``) one layer at a time. Every rate carries a 95% Wilson interval (analyses/toolkit/stats.py `rate`).
-
-    split: "train" (default) draws training-distribution scenes. Not the held-out split: its held-out (colour, shape,
-    slot) triples make the answer partly predictable from the text, so an image-blind model scores ~0.38 there
-    rather than 0.5 (measured on shapes_qwen2_vl_gate, 256 prompts, two seeds)."""
-    from hooked_vlm.analyses.narrow_gate import run_with_knockout, steer_end_of_image
-    from hooked_vlm.analyses.toolkit.stats import rate
-
-    gen = S.ShapesGenerator(seed)
-    pairs = gen.pairs(n, "swap_shapes", "shape_item", split=split)
-    clean, swapped = [p for p, _ in pairs], [q for _, q in pairs]
-    tok = model.processor.tokenizer
-    inputs = _inputs(model, clean)
-
-    def scores(logits: torch.Tensor) -> dict[str, list[bool]]:
-        two = _two_item_predictions(logits, clean, tok)
-        full = tok.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist())
-        return {"two_item": [p == s.answer for p, s in zip(two, clean)],
-                "full_vocab": [p == s.answer for p, s in zip(full, clean)]}
-
-    def est(hits: Any) -> dict[str, Any]:
-        e = rate(np.asarray(hits, dtype=float))
-        return {"value": round(e.value, 4), "ci_low": round(e.ci_low, 4), "ci_high": round(e.ci_high, 4), "n": e.n}
-
-    src = _inputs(model, swapped)
-    base = scores(model(**inputs))
-    eoi_logits = run_with_knockout(model, inputs, "end_of_image")
-    eoi = scores(eoi_logits)
-    # image-blind check: with the gate knocked out, does the answer still follow the image?
-    changed = (eoi_logits[:, -1].argmax(-1) != run_with_knockout(model, src, "end_of_image")[:, -1].argmax(-1)).tolist()
-    n_image = int(model.layout(inputs).image_positions()[0].sum())
-    k = max(1, round(random_fraction * n_image))
-    rand = [scores(run_with_knockout(model, inputs, f"random_{k}", seed=s)) for s in range(random_seeds)]
-    out: dict[str, Any] = {"n_prompts": n, "prompts": f"shape_item, split {split!r}, ShapesGenerator({seed}), swap_shapes pairs",
-                           "accuracy_metric": "two_item = argmax over the two context items (chance 0.5); "
-                                              "full_vocab = argmax over the whole vocabulary"}
-    for metric in ("two_item", "full_vocab"):
-        rand_hits = [h for r in rand for h in r[metric]]
-        out[metric] = {
-            "baseline": est(base[metric]),
-            "knockout_text_to_end_of_image": est(eoi[metric]),
-            f"knockout_text_to_random_{k}_image_tokens": {
-                **est(rand_hits), "per_seed": [round(float(np.mean(r[metric])), 4) for r in rand],
-                "note": f"{k} of {n_image} image tokens ({random_fraction:.0%}, at least 1), {random_seeds} seeds "
-                        "pooled (interval over the pooled prompts x seeds)"},
-        }
-    out["knockout_end_of_image_answer_follows_image"] = {
-        **est(changed), "note": "share of prompts whose answer (full-vocabulary argmax) under the text -> "
-                                "<|vision_end|> knockout differs between the image and its shape-swapped twin: ~0 "
-                                "when the knockout leaves the text image-blind, ~1 when the text reads the image itself"}
-    answers = tok.convert_tokens_to_ids([q.answer for q in swapped])
-    cands = sorted(set(tok.convert_tokens_to_ids(list(S.ITEMS))))
-
-    def steer(layers: Any) -> dict[str, Any]:
-        res = steer_end_of_image(model, inputs, src, answers, layers=layers, candidates=cands)
-        eligible = (res.base_predictions != torch.tensor(answers)).numpy()
-        return est(res.flipped.numpy()[eligible])
-
-    out["steering_end_of_image"] = {
-        "all_layers": steer(None),
-        "note": "resid_pre of <|vision_end|> patched from the run on the shape-swapped image; share of eligible "
-                "prompts (unsteered answer != swapped answer) whose answer (argmax over the items) becomes the "
-                "swapped image's answer",
-    }
-    if steer_layers:
-        n_layers = len([h for h in model.hook_dict if h.endswith("hook_resid_pre") and h.startswith("blocks.")])
-        out["steering_end_of_image"]["per_layer"] = {str(l): steer(l) for l in range(n_layers)}
-    return out
 
 
 NARROW_GATE = register_task(NarrowGateTask())

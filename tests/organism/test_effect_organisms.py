@@ -2,8 +2,9 @@
 straight run), a changed task is refused on resume, and on the shipped checkpoints the paper's detectors say yes
 where the effect was planted and no where it was not.
 
-Narrow gate (2412.06646): shapes_qwen2_vl_gate (positive) against shapes_qwen2_vl (negative), 64 held-out
-shape -> item prompts, detectors from hooked_vlm/organism/gate.py (analyses/narrow_gate.py + Wilson intervals).
+Narrow gate (2412.06646): shapes_qwen2_vl_gate (positive) against shapes_qwen2_vl (negative), 64 training-distribution
+shape -> item prompts, the bench-effects detector analyses/effects/narrow_gate.py (analyses/narrow_gate.py's knockout
+and steering against random controls, Wilson intervals).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import torch
 
 from hooked_vlm.organism import load_organism, organism_record
 from hooked_vlm.organism import state as ST
-from hooked_vlm.organism.gate import gate_detectors
 from hooked_vlm.organism.train import TrainConfig, main, train_organism
 
 GATE = dict(task="narrow_gate", family="qwen2_vl", init_from="shapes_qwen2_vl", supervise_steps=0,
@@ -84,32 +84,75 @@ def test_gate_mask_blocks_text_to_image_and_nothing_else():
 
 # ---------------------------------------------------------------------------------------- shipped effect
 @pytest.fixture(scope="module")
-def detectors():
-    return {name: gate_detectors(load_organism(name), n=64, steer_layers=False)
-            for name in ("shapes_qwen2_vl_gate", "shapes_qwen2_vl")}
+def runs():
+    from hooked_vlm.analyses.effects import narrow_gate as D
+
+    return {name: D.run_protocol(load_organism(name), n=64) for name in ("shapes_qwen2_vl_gate", "shapes_qwen2_vl")}
 
 
-def test_narrow_gate_detected_on_the_positive(detectors):
-    d = detectors["shapes_qwen2_vl_gate"]["two_item"]
-    base, eoi = d["baseline"], d["knockout_text_to_end_of_image"]
-    rand = d["knockout_text_to_random_1_image_tokens"]
-    assert base["value"] >= 0.95, base
-    assert eoi["ci_low"] <= 0.5 <= eoi["ci_high"], eoi  # chance for two objects
-    assert abs(rand["value"] - base["value"]) <= 0.05 and rand["ci_low"] >= base["value"] - 0.05, (rand, base)
-    steer = detectors["shapes_qwen2_vl_gate"]["steering_end_of_image"]["all_layers"]
-    assert steer["value"] >= 0.8, steer
+def test_narrow_gate_detected_on_the_positive(runs):
+    from hooked_vlm.analyses.effects import narrow_gate as D
+    from hooked_vlm.analyses.toolkit import rate
+
+    run = runs["shapes_qwen2_vl_gate"]
+    base, eoi = rate(run.base["two_item"]), rate(run.eoi["two_item"])
+    rand = D.pooled_rate(run.rand["two_item"])
+    assert base.value >= 0.95, base
+    assert eoi.ci_low <= 0.5 <= eoi.ci_high, eoi  # chance for two objects (the issue's target)
+    per_seed = run.rand["two_item"].mean(1)  # 5 seeds; the interval within 0.05 needs more prompts (the record's 256)
+    assert abs(rand.value - base.value) <= 0.05 and per_seed.min() >= base.value - 0.05, (rand, per_seed, base)
+    assert rate(run.follows).value <= 0.1  # with the gate knocked out the answer no longer follows the image
+    knockout, steering = D.findings(run)
+    assert knockout.detected and knockout.estimate >= 0.35, knockout  # ~half the answers lost: down to chance
+    assert steering.detected and steering.estimate >= 0.8, steering
+    assert steering.detail["control_estimate"]["value"] <= 0.05  # patching a random text position moves nothing
 
 
-def test_narrow_gate_not_detected_on_the_negative(detectors):
-    d = detectors["shapes_qwen2_vl"]["two_item"]
-    eoi = d["knockout_text_to_end_of_image"]
-    assert d["baseline"]["value"] >= 0.95 and eoi["ci_low"] > 0.5 and eoi["value"] >= 0.9, eoi
-    steer = detectors["shapes_qwen2_vl"]["steering_end_of_image"]["all_layers"]
-    assert steer["ci_high"] < 0.8 and steer["value"] <= 0.1, steer
+def test_narrow_gate_not_detected_on_the_negative(runs):
+    from hooked_vlm.analyses.effects import narrow_gate as D
+    from hooked_vlm.analyses.toolkit import rate
+
+    run = runs["shapes_qwen2_vl"]
+    eoi = rate(run.eoi["two_item"])
+    assert rate(run.base["two_item"]).value >= 0.95 and eoi.ci_low > 0.5 and eoi.value >= 0.9, eoi
+    assert rate(run.follows).value >= 0.9  # the text reads the image itself
+    knockout, steering = D.findings(run)
+    assert not knockout.detected and knockout.estimate <= 0.05, knockout
+    assert not steering.detected and steering.ci_high < 0.8 and steering.estimate <= 0.1, steering
 
 
 def test_shipped_gate_record_says_what_was_planted():
     record = organism_record("shapes_qwen2_vl_gate")
     assert record["family"] == "qwen2_vl" and record["training"]["task"] == "narrow_gate"
     assert record["training"]["init_from"] == "shapes_qwen2_vl" and len(record["training"]["init_from_sha256"]) == 64
-    assert "planted_mechanism" in record and "narrow_gate_detectors" in record
+    assert record["ground_truth"]["2412.06646"]["expected"] == "present"
+    assert organism_record("shapes_qwen2_vl")["ground_truth"]["2412.06646"]["expected"] == "absent"
+    # the detectors' numbers come from `hooked-vlm bench-effects --write-record`, not from the trainer
+    measured = record["effect_detectors"]["2412.06646"]
+    assert measured["n"] == 256 and [r["verdict"] for r in measured["rows"]] == ["detected", "detected"]
+    m = measured["measurement"]
+    assert m["steering_end_of_image"]["all_layers"]["value"] >= 0.8
+    # the issue's targets at 256 prompts: knockout at chance, random 2% knockout within 0.05 of the baseline
+    assert m["two_item"]["knockout_text_to_end_of_image"]["ci_low"] <= 0.55
+    assert m["two_item"]["knockout_text_to_random_1_image_tokens"]["ci_low"] >= m["two_item"]["baseline"]["value"] - 0.05
+    assert "planted_mechanism" in record and "narrow_gate_detectors" not in record
+
+
+def test_narrow_gate_finish_records_ground_truth_without_the_analyses():
+    """finish (the trainer's last step) writes note, planted_mechanism, ground_truth and accuracy intervals, and
+    the Wilson interval it uses without the analyses equals the analyses' `rate`."""
+    import numpy as np
+
+    from hooked_vlm.analyses.toolkit import rate
+    from hooked_vlm.organism import gate as G
+
+    spec = {"accuracy": {"n_per_query": 50, "heldout_combinations": {"shape_item": 0.98},
+                         "training_distribution": {"shape_item": 1.0}}}
+    G.NARROW_GATE.finish(spec, TrainConfig(**GATE), None, None)
+    assert spec["ground_truth"]["2412.06646"]["expected"] == "present" and "bench-effects" in spec["note"]
+    assert "effect_detectors" not in spec and "narrow_gate_detectors" not in spec
+    for k in (0, 1, 17, 49, 50):
+        e = rate(np.array([1.0] * k + [0.0] * (50 - k)))
+        assert G.wilson(k, 50) == pytest.approx((e.ci_low, e.ci_high), abs=1e-12)
+    e = rate(np.array([1.0] * 49 + [0.0]))
+    assert spec["accuracy"]["wilson_95"]["heldout_combinations"]["shape_item"] == [round(e.ci_low, 4), round(e.ci_high, 4)]

@@ -17,7 +17,8 @@ def calls(monkeypatch):
 
 
 @pytest.mark.parametrize("argv,got", [(["demo", "--n", "0"], "0"), (["demo", "--n", "-3"], "-3"),
-                                      (["demo", "--n", "ten"], "'ten'"), (["bench-circuits", "--n", "0"], "0")])
+                                      (["demo", "--n", "ten"], "'ten'"), (["bench-circuits", "--n", "0"], "0"),
+                                      (["bench-effects", "--n", "0"], "0")])
 def test_numbers_refused_at_parsing(capsys, calls, argv, got):
     with pytest.raises(SystemExit) as exc:
         main(argv)
