@@ -1,5 +1,16 @@
 """Dual mechanisms of spatial binding (arXiv 2603.22278): probes, last-token patching, strip swaps, amplification.
 
+The paper's protocols (the defaults, re-exported at the end of this module):
+- `position_probe` / `position_labels` / `absolute_vs_relative` (analyses/spatial_probes.py): order / position
+  probes on post-projection visual tokens, AdamW as the paper, held-out accuracy with an interval;
+- `criss_cross` / `criss_cross_pairs` / `vision_ablation` (analyses/criss_cross.py): the interchange between a
+  clean image and its colour-reversed counterfactual, objects vs strips, at resid_pre 0 and every resid_post;
+  the full-grid vision-encoder ablation;
+- `amplification_protocol` (analyses/spatial_amplify.py): both probe columns, fix rate at the best global and the
+  per-item oracle alpha, against separately drawn random W.
+
+Simplified variants kept below as documented options:
+
 - Linear probes (multinomial logistic regression in torch, LBFGS on standardised features) on any hook at a
   position set, e.g. image tokens of `hook_embed` (= the projector's output as placed in the sequence, for every
   family) or `projector.hook_out` (LLaVA: one row per image token), with a train/test split BY PROMPT.
@@ -93,6 +104,11 @@ class Probe:
         w = (self.W / self.std[:, None]).T  # [classes, d] in raw space
         w = w[1:2] - w[0:1] if w.shape[0] == 2 else w - w.mean(0, keepdim=True)
         return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def columns(self) -> Float[Tensor, "classes d"]:
+        """Every class column in the raw activation space (both columns of a binary probe): what the paper's
+        amplification projects on (`spatial_amplify.amplification_protocol`)."""
+        return (self.W / self.std[:, None]).T.clone()
 
 
 def fit_probe(
@@ -369,3 +385,13 @@ def plot_amplification(alphas: Sequence[Any], probe: Sequence[Any], control: Seq
                                  name="random (same norm)"))
     fig.update_layout(title=title, xaxis_title="alpha", yaxis_title=ylabel)
     return fig
+
+
+# ------------------------------------------------------------------------- the paper's protocols (defaults)
+# imported last: these modules build on the helpers above
+from .spatial_probes import (AbsRelResult, PositionProbeResult, absolute_vs_relative, object_masks,  # noqa: E402
+                             pixel_boxes_to_fractions, position_labels, position_probe, position_probes, train_probe)
+from .criss_cross import (CrissCrossResult, VisionAblationResult, criss_cross, criss_cross_pairs,  # noqa: E402
+                          default_sites, regions, vision_ablation)
+from .spatial_amplify import (AmplificationResult, amplification_protocol, amplify_columns,  # noqa: E402
+                              column_projection, random_columns)
