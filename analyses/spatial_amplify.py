@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .criss_cross import candidate_probs
 from .metrics import final_logits
-from .spatial import as_sequence
+from .spatial_base import as_sequence
 from .toolkit import Estimate, over_seeds, rate
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def random_columns(k: int, d: int, seed: int) -> Float[Tensor, "k d"]:
 
 @torch.no_grad()
 def amplify_columns(
-    model: "HookedVLM", inputs: Inputs, columns: Float[Tensor, "k d"], alpha: float,
+    model: "HookedVLM", inputs: Inputs, columns: Float[Tensor, "k d"], alpha: float | int,
     positions: Bool[Tensor, "batch pos"] | None = None, hook_name: str = "blocks.0.hook_resid_pre",
 ) -> Float[Tensor, "batch pos vocab"]:
     """Logits with h += alpha * column_projection(h, columns) at `positions` (default: image tokens) of hook_name."""
@@ -77,7 +77,7 @@ class SweepScores:
     accuracy: list[Estimate]
 
 
-def _score(correct: Tensor, base: Tensor, alphas: Sequence[float]) -> SweepScores:
+def _score(correct: Tensor, base: Tensor, alphas: Sequence[float | int]) -> SweepScores:
     fail = ~base
     fixed = correct[:, fail]  # [alpha, n_fail]
     best = int(fixed.float().sum(1).argmax()) if fail.any() else 0
@@ -113,7 +113,7 @@ class AmplificationResult:
 @torch.no_grad()
 def amplification_protocol(
     model: "HookedVLM", inputs: Inputs, columns: Float[Tensor, "k d"], answer: Int[Tensor, "batch"],
-    candidates: Int[Tensor, "batch n"] | None = None, *, alphas: Sequence[float] = DEFAULT_ALPHAS,
+    candidates: Int[Tensor, "batch n"] | None = None, *, alphas: Sequence[float | int] = DEFAULT_ALPHAS,
     control_seeds: Sequence[int] = (0, 1, 2, 3, 4), positions: Bool[Tensor, "batch pos"] | None = None,
     hook_name: str = "blocks.0.hook_resid_pre",
 ) -> AmplificationResult:

@@ -24,13 +24,13 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .spatial import Probe, activations_at, split_prompts
+from .spatial_base import Probe, activations_at, split_prompts
 from .toolkit import Estimate, bootstrap
 
 if TYPE_CHECKING:
     from hooked_vlm import HookedVLM
 
-Box = Sequence[float]  # (x0, y0, x1, y1) as fractions of the image
+Box = Sequence[float | int]  # (x0, y0, x1, y1) as fractions of the image
 ORDER_NAMES = {2: ("left", "right"), 3: ("left", "middle", "right")}
 
 
@@ -96,7 +96,7 @@ def position_labels(
 
 # ------------------------------------------------------------------------------------------------ probe
 def train_probe(
-    x: Float[Tensor, "n d"], y: Int[Tensor, "n"], n_classes: int, *, lr: float = 1e-3, weight_decay: float = 1e-4,
+    x: Float[Tensor, "n d"], y: Int[Tensor, "n"], n_classes: int, *, lr: float | int = 1e-3, weight_decay: float | int = 1e-4,
     epochs: int = 200, batch_size: int = 64, seed: int = 0,
 ) -> Probe:
     """The paper's probe: logits = x @ W + b (W: [d, n_classes], one column per class, so a binary probe has two
@@ -161,7 +161,7 @@ def prompt_accuracy(correct: Tensor, prompt: Tensor, seed: int = 0) -> Estimate:
 
 def position_probes(
     model: "HookedVLM", inputs: dict[str, Any], labels: Int[Tensor, "batch pos"], hooks: Sequence[str] = ("hook_embed",),
-    *, test_frac: float = 0.25, seed: int = 0, n_classes: int | None = None, **train: Any,
+    *, test_frac: float | int = 0.25, seed: int = 0, n_classes: int | None = None, **train: Any,
 ) -> dict[str, PositionProbeResult]:
     """`position_probe` for several hooks from one forward pass ({hook: result})."""
     labels = labels.cpu().long()
@@ -213,7 +213,7 @@ class AbsRelResult:
 
 def absolute_vs_relative(
     model: "HookedVLM", inputs: dict[str, Any], relative: Int[Tensor, "batch pos"], absolute: Int[Tensor, "batch pos"],
-    hook: str = "hook_embed", *, test_frac: float = 0.5, seed: int = 0, **train: Any,
+    hook: str = "hook_embed", *, test_frac: float | int = 0.5, seed: int = 0, **train: Any,
 ) -> AbsRelResult:
     """The absolute-vs-relative position control (the authors' shifted-squares control).
 
