@@ -291,6 +291,21 @@ def plot_amplification(alphas: Sequence[Any], probe: Sequence[Any], control: Seq
     return fig
 
 
+def plot_estimates(series: dict[str, dict[str, Any]], title: str, ylabel: str = "rate",
+                   chance: float | int | None = None) -> go.Figure:
+    """Lines with 95% interval bars: {series: {x label: Estimate or {"value", "ci_low", "ci_high", ...}}}."""
+    fig = go.Figure()
+    for name, pts in series.items():
+        d = [p.to_dict() if hasattr(p, "to_dict") else p for p in pts.values()]
+        fig.add_trace(go.Scatter(x=list(pts), y=[p["value"] for p in d], mode="lines+markers", name=name,
+                                 error_y=dict(type="data", symmetric=False, array=[p["ci_high"] - p["value"] for p in d],
+                                              arrayminus=[p["value"] - p["ci_low"] for p in d])))
+    if chance is not None:
+        fig.add_hline(y=chance, line_dash="dot", annotation_text="chance")
+    fig.update_layout(title=title, yaxis_title=ylabel, yaxis_range=[0, 1.05])
+    return fig
+
+
 # ------------------------------------------------------------------------- the paper's protocols (defaults)
 # imported last: these modules build on the helpers above
 from .spatial_probes import (AbsRelResult, PositionProbeResult, absolute_vs_relative, object_masks,  # noqa: E402

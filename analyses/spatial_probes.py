@@ -8,7 +8,7 @@ for any family and resolution: nothing here knows a grid size.
   kind="absolute": the band of the image (n_classes equal vertical bands) the object's centre lies in. -1 on
   background and text tokens (not probed).
 - `position_probe(model, inputs, labels)`: the paper's probe: a linear layer (one column per class: a binary probe
-  has TWO columns) trained with AdamW (lr 1e-3, weight decay 1e-4, 200 epochs) on the post-projection visual
+  has TWO columns) trained with AdamW (lr 1e-3, weight decay 1e-4, 200 full-batch epochs) on the post-projection visual
   tokens (`hook_embed` at image positions = the projector / merger output placed in the sequence), split by
   prompt; held-out accuracy with a bootstrap interval over held-out prompts.
 - `absolute_vs_relative(...)`: does the probe read an object's order among the objects (relative) or where it
@@ -96,32 +96,30 @@ def position_labels(
 
 # ------------------------------------------------------------------------------------------------ probe
 def train_probe(
-    x: Float[Tensor, "n d"], y: Int[Tensor, "n"], n_classes: int, *, lr: float | int = 1e-3, weight_decay: float | int = 1e-4,
-    epochs: int = 200, batch_size: int = 64, seed: int = 0,
+    x: Float[Tensor, "n d"], y: Int[Tensor, "n"], n_classes: int, *, lr: float | int = 1e-3,
+    weight_decay: float | int = 1e-4, epochs: int = 200, batch_size: int | None = None, seed: int = 0,
 ) -> Probe:
     """The paper's probe: logits = x @ W + b (W: [d, n_classes], one column per class, so a binary probe has two
-    columns) on the raw features, trained by AdamW (lr, weight_decay) for `epochs` passes of shuffled
-    mini-batches of cross-entropy."""
+    columns) on the raw features, W and b drawn from N(0, 1/d), trained by AdamW (lr, weight_decay) on the
+    cross-entropy for `epochs` full-batch steps (the authors' code; `batch_size` gives shuffled mini-batches
+    instead, an option)."""
     x, y = x.float().cpu(), y.long().cpu()
     if len(x) != len(y) or len(y) == 0:
         raise ValueError(f"train_probe: expected as many labels as rows (> 0), got {len(y)} labels for {len(x)} rows")
     if int(y.min()) < 0 or int(y.max()) >= n_classes:
         raise ValueError(f"train_probe: labels must lie in 0..{n_classes - 1}, got {int(y.min())}..{int(y.max())}")
     g = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(x.shape[1], n_classes)
-    with torch.no_grad():  # seeded init (not the global RNG)
-        bound = 1 / x.shape[1] ** 0.5
-        lin.weight.copy_((torch.rand(lin.weight.shape, generator=g) * 2 - 1) * bound)
-        lin.bias.zero_()
-    opt = torch.optim.AdamW(lin.parameters(), lr=lr, weight_decay=weight_decay)
+    d = x.shape[1]
+    W = (torch.randn(d, n_classes, generator=g) / d ** 0.5).requires_grad_(True)
+    b = (torch.randn(n_classes, generator=g) / d ** 0.5).requires_grad_(True)
+    opt = torch.optim.AdamW([W, b], lr=lr, weight_decay=weight_decay)
     with torch.enable_grad():
         for _ in range(epochs):
-            for idx in torch.randperm(len(y), generator=g).split(batch_size):
+            for idx in ([slice(None)] if batch_size is None else torch.randperm(len(y), generator=g).split(batch_size)):
                 opt.zero_grad()
-                torch.nn.functional.cross_entropy(lin(x[idx]), y[idx]).backward()
+                torch.nn.functional.cross_entropy(x[idx] @ W + b, y[idx]).backward()
                 opt.step()
-    d = x.shape[1]
-    return Probe(lin.weight.detach().T.clone(), lin.bias.detach().clone(), torch.zeros(d), torch.ones(d))
+    return Probe(W.detach().clone(), b.detach().clone(), torch.zeros(d), torch.ones(d))
 
 
 def probe_columns(probe: Probe) -> Float[Tensor, "classes d"]:
@@ -193,7 +191,7 @@ def position_probe(
 ) -> PositionProbeResult:
     """The paper's position / order probe on one hook (default: post-projection visual tokens). labels [batch,
     pos] from `position_labels` (-1 = not probed). kw: test_frac (0.25, split by prompt), seed, n_classes, and
-    train_probe's lr (1e-3), weight_decay (1e-4), epochs (200), batch_size (64)."""
+    train_probe's lr (1e-3), weight_decay (1e-4), epochs (200), batch_size (None: full batch)."""
     return position_probes(model, inputs, labels, [hook], **kw)[hook]
 
 

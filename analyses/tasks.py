@@ -351,19 +351,21 @@ def shapes_criss_cross(model: "HookedVLM", n: int = 64, seed: int = 0, layout: s
 @torch.no_grad()
 def shapes_amplification(model: "HookedVLM", n_probe: int = 128, n_eval: int = 128, seed: int = 0,
                          layout: str = "random", query: str = "shape_colour", split: str = "any",
-                         alphas: Sequence[float | int] | None = None, control_seeds: Sequence[int] = (0, 1, 2, 3, 4)) -> Any:
-    """Amplification on Shapes: the order probe (hook_embed, trained on n_probe scenes of `layout`) amplified at
+                         alphas: Sequence[float | int] | None = None, control_seeds: Sequence[int] = (0, 1, 2, 3, 4),
+                         columns: Tensor | None = None) -> Any:
+    """Amplification on Shapes: the order probe (hook_embed, trained on n_probe scenes of `layout`; or `columns`) amplified at
     the layer-0 input of n_eval other prompts (`query`, `split`, same layout); fix rate on the organism's failures.
     The organisms answer their own layout's prompts almost perfectly (no failures to fix); a fixed-layout organism
     on random-layout scenes fails on about a quarter, failures caused by positions it never saw."""
     from .spatial_amplify import DEFAULT_ALPHAS, amplification_protocol
 
-    probe = shapes_position_probes(model, n_probe, seed, layout, ["hook_embed"])["hook_embed"]
+    if columns is None:  # the probe's columns, unless given (e.g. from a probe trained elsewhere)
+        columns = shapes_position_probes(model, n_probe, seed, layout, ["hook_embed"])["hook_embed"].columns()
     batch, scenes, _ = shapes_spatial_prompts(model, n_eval, seed + 1, layout, query, split)
     t = torch.tensor([s.target for s in batch.samples])
     cands = _colour_candidates(model, scenes) if query == "shape_colour" else None
     answer = t if cands is not None else batch.answer
-    return amplification_protocol(model, batch.inputs, probe.columns(), answer, cands,
+    return amplification_protocol(model, batch.inputs, columns, answer, cands,
                                   alphas=alphas or DEFAULT_ALPHAS, control_seeds=control_seeds)
 
 

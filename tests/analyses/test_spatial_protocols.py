@@ -62,13 +62,20 @@ def test_position_labels_from_the_layout(tiny):
 
 
 # ------------------------------------------------------------------------------------------------ probes
+def test_train_probe_defaults_are_the_papers():
+    import inspect
+
+    kw = {k: v.default for k, v in inspect.signature(spatial.train_probe).parameters.items()}
+    assert (kw["lr"], kw["weight_decay"], kw["epochs"], kw["batch_size"]) == (1e-3, 1e-4, 200, None)
+
+
 def test_train_probe_is_the_papers_two_column_probe():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 10, generator=g)
     w = torch.randn(10, generator=g)
     keep = (x @ w).abs() > 0.5
     x, y = x[keep], (x[keep] @ w > 0).long()
-    p = spatial.train_probe(x[:200], y[:200], 2)
+    p = spatial.train_probe(x[:200], y[:200], 2, epochs=2000)  # unit-scale features need more than the paper's 200
     assert p.W.shape == (10, 2) and p.columns().shape == (2, 10)  # a binary probe has two columns
     assert p.accuracy(x[200:], y[200:]) > 0.97
     with pytest.raises(ValueError, match="labels must lie"):
