@@ -247,7 +247,7 @@ def spatial_section(model: HookedVLM, report: Report, n: int, seed: int, scene_l
     cc = {kind: tasks.shapes_criss_cross(model, n_eval, seed + 37, scene_layout, kind) for kind in ("object", "strip")}
     ablation = tasks.shapes_vision_ablation(model, n_eval, seed + 41, scene_layout)
     # the organisms answer their own layout's prompts (almost) perfectly: failures to fix come from the random layout
-    amp = tasks.shapes_amplification(model, n_probe, n_eval, seed + 43, "random", alphas=(1, 4, 16), control_seeds=(0, 1, 2),
+    amp = tasks.shapes_amplification(model, n_probe, n_eval, seed + 43, "random", alphas=(1, 4, 16), control_seeds=range(5),
                                      columns=probes["hook_embed"].columns())
     absrel = tasks.shapes_absolute_vs_relative(model, n_probe, seed + 47) if scene_layout == "random" else None
     clean, cf = _pairs(model, n_eval, seed + 37, "swap_shapes", "shape_item", scene_layout)
@@ -275,7 +275,7 @@ def spatial_section(model: HookedVLM, report: Report, n: int, seed: int, scene_l
                "all other image tokens from an empty image (layout erased, identity kept). Amplification: h += alpha * "
                "sum of the projections on both order-probe columns at the layer-0 input, image tokens; fix rate = share "
                "of the model's failures (random-layout scenes) answered right, at the best global alpha and per-item "
-               "oracle, against 3 random W swept over the same alphas (mean and t interval over draws).",
+               "oracle, against 5 random W swept over the same alphas (mean and t interval over draws).",
                rows=[dict(measure="accuracy, unedited", value=_fmt(ablation.clean_acc)),
                      dict(measure="accuracy, vision layout ablated", value=_fmt(ablation.ablated_acc)),
                      dict(measure=f"amplification fix rate, best alpha {amp_s['best_alpha']:g} (of {amp.n_failures} failures)",
