@@ -266,3 +266,22 @@ def test_organism_criss_cross_answers_follow_the_moved_tokens_until_layer_1():
     res = tasks.shapes_criss_cross(model, n=24, seed=0, kind="object")
     assert res.flipped["blocks.0.hook_resid_pre"].value > 0.75
     assert res.flipped["blocks.1.hook_resid_post"].value == 0.0 and res.kept["blocks.3.hook_resid_post"].value == 1.0
+
+
+needs_qwen = pytest.mark.skipif(not (CHECKPOINTS / "shapes_qwen2_vl" / "config.json").exists(),
+                                reason="no shapes_qwen2_vl checkpoint")
+
+
+@needs_qwen
+def test_organism_qwen2_vl_m_rope_strips_and_ablation():
+    """The M-RoPE organism (2x2 merger): strips interchanged at the LM input flip every golden pair and none from
+    layer 1 on; the full-grid vision ablation keeps its accuracy (it needs no positions for "The {shape} is")."""
+    from hooked_vlm.analyses import tasks
+    from hooked_vlm.organism import load_organism
+
+    model = load_organism("shapes_qwen2_vl")
+    res = tasks.shapes_criss_cross(model, n=16, seed=0, layout="fixed", kind="strip")
+    assert res.scored.sum() == 16 and res.flipped["blocks.0.hook_resid_pre"].value == 1.0
+    assert res.flipped["blocks.1.hook_resid_post"].value == 0.0
+    abl = tasks.shapes_vision_ablation(model, n=16, seed=0, layout="fixed")
+    assert abl.clean_acc.value == 1.0 and abl.ablated_acc.value >= 0.9
