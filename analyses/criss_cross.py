@@ -113,11 +113,11 @@ def criss_cross_pairs(
     """(per prompt (clean positions, counterfactual positions), valid): objects a and b's regions (`regions`, from
     the boxes both images share), clean-a <- cf-b and clean-b <- cf-a (cross=False: clean-a <- cf-a, clean-b <- cf-b,
     an identity when the two runs are identical)."""
-    clean_r, valid = regions(clean_layout, boxes, kind)
-    cf_r, valid_cf = regions(cf_layout, boxes, kind)
+    two = [[bx[a], bx[b]] for bx in boxes]  # only the two interchanged objects need disjoint, equal regions
+    (ra, rb), valid = regions(clean_layout, two, kind)
+    (fa, fb), valid_cf = regions(cf_layout, two, kind)
     valid = valid & valid_cf
-    ra, rb = clean_r[a], clean_r[b]
-    sa, sb = (cf_r[b], cf_r[a]) if cross else (cf_r[a], cf_r[b])
+    sa, sb = (fb, fa) if cross else (fa, fb)
     one, two = pair_positions(clean_layout, ra, cf_layout, sa), pair_positions(clean_layout, rb, cf_layout, sb)
     return [(torch.cat([d1, d2]), torch.cat([s1, s2])) for (d1, s1), (d2, s2) in zip(one, two)], valid
 
@@ -230,7 +230,8 @@ def vision_ablation(
     writes into the image tokens while keeping what each object is, at the LM input.
 
     At `hook_name` (default the LM's layer-0 input, where image tokens hold only the projected vision features;
-    the LM's own positions enter later through RoPE) EVERY image token is replaced: background tokens by the
+    the LM's own positions enter later through RoPE) EVERY image token of the first image's base grid is replaced
+    (other crops and images are left alone): background tokens by the
     same grid cell of a background-only image (`empty`), object k's tokens (`object_regions[k]`) by the tokens of
     a reference image holding object k alone at the canvas centre (`references[k]`, its tokens
     `reference_regions[k]`, paired by offset from the region's top-left). Identity survives, the layout signal
@@ -241,9 +242,9 @@ def vision_ablation(
     if len(object_regions) != len(references) or len(references) != len(reference_regions):
         raise ValueError("object_regions, references and reference_regions need one entry per object")
     layout = model.layout(inputs)
-    img = layout.image_positions()
     empty_layout = model.layout(empty)
-    empty_pairs = pair_positions(layout, img, empty_layout, empty_layout.image_positions())
+    base = lambda lay: lay.image_positions(0) & (lay.crop == 0)  # noqa: E731  (the first image's base grid)
+    empty_pairs = pair_positions(layout, base(layout), empty_layout, base(empty_layout))
     names = [hook_name]
     _, empty_cache = run_cached(model, empty, names)
     edits: list[tuple[Tensor, list[tuple[Tensor, Tensor]]]] = [(empty_cache[hook_name], empty_pairs)]

@@ -285,3 +285,34 @@ def test_organism_qwen2_vl_m_rope_strips_and_ablation():
     assert res.flipped["blocks.1.hook_resid_post"].value == 0.0
     abl = tasks.shapes_vision_ablation(model, n=16, seed=0, layout="fixed")
     assert abl.clean_acc.value == 1.0 and abl.ablated_acc.value >= 0.9
+
+
+def test_paper_stimuli_through_a_real_processor_any_resolution():
+    """2603.22278's three squares (stimuli.spatial_scenes, 64 px) through LLaVA-OneVision's own processor (anyres
+    crops): 3-class order labels follow the columns of the base grid, and the strip criss-cross pairs the left
+    strip with the counterfactual's right one, on every layer's site."""
+    from tiny import onevision_processor, tiny_llava_onevision
+
+    from hooked_vlm.analyses.stimuli import colour_reversed, spatial_scenes, to_inputs
+
+    hf = tiny_llava_onevision()
+    proc = onevision_processor(hf)
+    model = HookedVLM.from_hf(hf, proc)
+    stims = spatial_scenes(3, n_objects=3, image_size=64, seed=0)
+    one = torch.ones(3, dtype=torch.long)
+    clean = to_inputs(proc, stims, batch_num_images=one)
+    cf = to_inputs(proc, [colour_reversed(s) for s in stims], batch_num_images=one)
+    boxes = [[o.box for o in s.objects] for s in stims]
+    lay = model.layout(clean)
+    labels = spatial.position_labels(lay, boxes)
+    for b in range(3):
+        cols = [lay.col[b][labels[b] == k].float().mean() for k in range(3)]
+        assert cols[0] < cols[1] < cols[2]
+    pairs, valid = criss_cross_pairs(lay, model.layout(cf), boxes, 0, -1, "strip")
+    assert valid.all()
+    for b, (d, s) in enumerate(pairs):
+        left = lay.col[b][d] < 2
+        assert left.any() and (lay.col[b][s][left] >= 2).all() and (lay.col[b][s][~left] < 2).all()
+    res = spatial.criss_cross(model, clean, cf, pairs, torch.tensor([[5, 9, 11]] * 3), torch.zeros(3).long(),
+                              torch.ones(3).long(), valid=valid, golden=False)
+    assert len(res.sites) == model.cfg.n_layers + 1 and all(p.shape == (3, 3) for p in res.probs.values())
