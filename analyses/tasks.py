@@ -292,13 +292,14 @@ def shapes_token_labels(model: "HookedVLM", inputs: dict[str, Any], scenes: Sequ
 # -> colour (candidates: the scene's colours), so they measure whether the answer follows the moved tokens.
 # =========================================================================================================
 def shapes_spatial_prompts(model: "HookedVLM", n: int, seed: int = 0, layout: str = "random", query: str = "shape_colour",
-                           split: str = "any") -> tuple[Batch, list[Any], list[list[tuple[float, float, float, float]]]]:
+                           split: str = "any", n_objects: int = 2,
+                           ) -> tuple[Batch, list[Any], list[list[tuple[float, float, float, float]]]]:
     """(Batch, scenes, per prompt the objects' boxes as fractions of the image) for n Shapes prompts."""
     from hooked_vlm.organism import ShapesGenerator
 
     from .spatial_probes import pixel_boxes_to_fractions
 
-    samples = ShapesGenerator(seed, layout).samples(n, query, split=split)
+    samples = ShapesGenerator(seed, layout, n_objects).samples(n, query, split=split)
     batch = encode(model.processor, samples)
     scenes = [s.scene for s in samples]
     return batch, scenes, [pixel_boxes_to_fractions(sc.boxes, s.image.size) for sc, s in zip(scenes, samples)]
@@ -310,15 +311,16 @@ def _colour_candidates(model: "HookedVLM", scenes: Sequence[Any]) -> Tensor:
 
 @torch.no_grad()
 def shapes_position_probes(model: "HookedVLM", n: int = 128, seed: int = 0, layout: str = "random",
-                           hooks: Sequence[str] | None = None, kind: str = "order") -> dict[str, Any]:
-    """Order probes ("which is left", 2 classes; 3 with the 3-object organism) on Shapes scenes, at hook_embed
-    (post-projection visual tokens) and every resid_post by default."""
+                           hooks: Sequence[str] | None = None, kind: str = "order", n_objects: int = 2,
+                           **train: Any) -> dict[str, Any]:
+    """Order probes ("which is left", 2 classes; left / middle / right with n_objects=3) on Shapes scenes, at
+    hook_embed (post-projection visual tokens) and every resid_post by default; `train` goes to train_probe."""
     from .spatial_probes import position_labels, position_probes
 
-    batch, scenes, boxes = shapes_spatial_prompts(model, n, seed, layout)
+    batch, scenes, boxes = shapes_spatial_prompts(model, n, seed, layout, n_objects=n_objects)
     hooks = list(hooks or ["hook_embed"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)])
     labels = position_labels(model.layout(batch.inputs), boxes, kind)
-    return position_probes(model, batch.inputs, labels, hooks, seed=seed)
+    return position_probes(model, batch.inputs, labels, hooks, seed=seed, **train)
 
 
 @torch.no_grad()
