@@ -196,16 +196,15 @@ def criss_cross(
     scored = torch.ones(b, dtype=torch.bool) if valid is None else valid.cpu().bool()
     if golden:
         scored = scored & (clean_probs.argmax(1) == ca) & (cf_probs.argmax(1) == fa)
+    if not scored.any():
+        raise ValueError("criss_cross: no prompt to score (regions invalid, or the model gets no pair right with "
+                         "golden=True); pass golden=False to score every valid prompt")
     res = CrissCrossResult(sites, {}, clean_probs, cf_probs, scored)
     for s in sites:
         p = candidate_probs(interchange_logits(model, clean, cache[s], pairs, s), mask_c, candidates)
         res.probs[s] = p
-        if scored.any():
-            top = p.argmax(1)[scored]
-            res.flipped[s], res.kept[s] = rate(top == fa[scored]), rate(top == ca[scored])
-    if not scored.any():
-        raise ValueError("criss_cross: no prompt to score (regions invalid, or the model gets no pair right with "
-                         "golden=True); pass golden=False to score every valid prompt")
+        top = p.argmax(1)[scored]
+        res.flipped[s], res.kept[s] = rate(top == fa[scored]), rate(top == ca[scored])
     return res
 
 

@@ -316,3 +316,17 @@ def test_paper_stimuli_through_a_real_processor_any_resolution():
     res = spatial.criss_cross(model, clean, cf, pairs, torch.tensor([[5, 9, 11]] * 3), torch.zeros(3).long(),
                               torch.ones(3).long(), valid=valid, golden=False)
     assert len(res.sites) == model.cfg.n_layers + 1 and all(p.shape == (3, 3) for p in res.probs.values())
+
+
+def test_bad_inputs_get_clear_errors(tiny):
+    model, inputs, layout = tiny
+    with pytest.raises(ValueError, match="same number"):
+        spatial.position_labels(layout, [[LEFT, RIGHT], [LEFT]])
+    pairs, _ = criss_cross_pairs(layout, layout, [[LEFT, RIGHT]] * 2)
+    cands = torch.tensor([[5, 9], [5, 9]])
+    with pytest.raises(ValueError, match="one row per prompt"):
+        spatial.criss_cross(model, inputs, inputs, pairs[:1], cands, torch.zeros(2).long(), torch.zeros(2).long())
+    with pytest.raises(ValueError, match="no prompt to score"):
+        spatial.criss_cross(model, inputs, inputs, pairs, cands, torch.zeros(2).long(), torch.zeros(2).long(),
+                            valid=torch.zeros(2, dtype=torch.bool))
+    assert not any(hp.has_hooks() for hp in model.hook_dict.values())
