@@ -255,7 +255,7 @@ def spatial_section(model: HookedVLM, report: Report, n: int, seed: int, scene_l
     report.add("Position probes (2603.22278)",
                f"The paper's order probe: per image token of an object, which object it belongs to in left-to-right order "
                f"(2 classes: the left or the right object), a linear layer with one column per class trained with AdamW "
-               f"(lr 1e-3, weight decay 1e-4, 200 epochs) on {n_probe} {scene_layout}-layout scenes, split by prompt; "
+               f"(lr 1e-3, weight decay 1e-4, 200 full-batch epochs, as the authors) on {n_probe} {scene_layout}-layout scenes, split by prompt; "
                "held-out accuracy with 95% bootstrap intervals over held-out prompts. Projector out = post-projection "
                "visual tokens (the paper's site). This organism was never asked where anything is.",
                fig=spatial.plot_estimates({"order probe": acc}, "Order probe, held-out accuracy", "accuracy", chance))
