@@ -241,28 +241,75 @@ def binding_section(model: HookedVLM, report: Report, n: int, seed: int) -> dict
                 mean_intervention=mean.to_dict(), delta_norm=mean.delta_norm)
 
 
+def _site(h: str) -> str:
+    return "L0 input" if h == "blocks.0.hook_resid_pre" else h.replace("blocks.", "L").replace(".hook_resid_post", " out")
+
+
 def spatial_section(model: HookedVLM, report: Report, n: int, seed: int, scene_layout: str = "fixed") -> dict[str, Any]:
-    samples = _scenes(seed + 31, scene_layout).samples(min(n, 256), "shape_item", split="any")
-    batch = encode(model.processor, samples)
-    layout = model.layout(batch.inputs)
-    scenes = [s.scene for s in samples]
-    hooks_ = ["hook_embed"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
-    acc = {}
-    for attribute in ("colour", "shape", "block"):
-        labels = tasks.shapes_token_labels(model, batch.inputs, scenes, attribute, layout)
-        res = spatial.probe_hooks(model, batch.inputs, hooks_, layout.image_positions(), labels, seed=seed)
-        acc[attribute] = {h.replace("blocks.", "L").replace(".hook_resid_post", ""): r.test_acc for h, r in res.items()}
-    clean, cf = _pairs(model, min(n, 64), seed + 37, "swap_shapes", "shape_item", scene_layout)
+    """2603.22278's protocols on Shapes scenes (analyses/tasks.py, spatial section). The organisms were never
+    asked where anything is: the probes need no question, criss-cross / ablation / amplification use the image-only
+    query "The {shape} is" -> colour."""
+    n_probe, n_eval = min(n, 64), min(n, 64)
+    probes = tasks.shapes_position_probes(model, n_probe, seed + 31, scene_layout)
+    acc = {_site(h).replace("hook_embed", "projector out"): r.test_acc for h, r in probes.items()}
+    chance = next(iter(probes.values())).chance
+    cc = {kind: tasks.shapes_criss_cross(model, n_eval, seed + 37, scene_layout, kind) for kind in ("object", "strip")}
+    ablation = tasks.shapes_vision_ablation(model, n_eval, seed + 41, scene_layout)
+    # the organisms answer their own layout's prompts (almost) perfectly: failures to fix come from the random layout
+    amp = tasks.shapes_amplification(model, n_probe, n_eval, seed + 43, "random", alphas=(1, 4, 16), control_seeds=range(5),
+                                     columns=probes["hook_embed"].columns())
+    absrel = tasks.shapes_absolute_vs_relative(model, n_probe, seed + 47) if scene_layout == "random" else None
+    clean, cf = _pairs(model, n_eval, seed + 37, "swap_shapes", "shape_item", scene_layout)
     last = spatial.last_token_patching(model, clean.inputs, cf.inputs, clean.logit_diff())
-    report.add("Spatial and feature probes",
-               "Linear probes (2603.22278) on the image tokens' residual stream: colour and shape of the object covering "
-               "each token (or background), and which block it sits in; hook_embed at image positions = projector "
-               "output. Held-out prompts' accuracy.", fig=spatial.plot_probe_accuracy(acc, title="Probe test accuracy"))
+    report.add("Position probes (2603.22278)",
+               f"The paper's order probe: per image token of an object, which object it belongs to in left-to-right order "
+               f"(2 classes: the left or the right object), a linear layer with one column per class trained with AdamW "
+               f"(lr 1e-3, weight decay 1e-4, 200 full-batch epochs, as the authors) on {n_probe} {scene_layout}-layout scenes, split by prompt; "
+               "held-out accuracy with 95% bootstrap intervals over held-out prompts. Projector out = post-projection "
+               "visual tokens (the paper's site). This organism was never asked where anything is.",
+               fig=spatial.plot_estimates({"order probe": acc}, "Order probe, held-out accuracy", "accuracy", chance))
+    rows = [dict(site=_site(s), objects_flipped=_fmt(cc["object"].flipped[s]), strips_flipped=_fmt(cc["strip"].flipped[s]))
+            for s in cc["object"].sites]
+    report.add("Criss-cross interchange (2603.22278)",
+               "Clean scene vs the same scene with its two colours reversed (text unchanged); at one site, the left "
+               "object's region of the clean run takes the counterfactual's right region and the reverse (objects: the "
+               "objects' tokens; strips: the full columns under them). Query \"The {shape} is\" (the organism has no "
+               "left/right question): the tokens landing on the asked shape's place carry the OTHER shape, so 'flipped' "
+               "= the answer follows the moved tokens. Scored on pairs the model gets right unpatched (Wilson intervals).",
+               fig=spatial.plot_estimates({k: {_site(s): r.flipped[s] for s in r.sites} for k, r in cc.items()},
+                                          "Criss-cross: answers flipped", "fraction flipped"), rows=rows)
+    amp_s = amp.summary()
+    report.add("Vision-encoder ablation and amplification (2603.22278)",
+               "Full-grid ablation at the LM input: each object's tokens from an image of that object alone at the centre, "
+               "all other image tokens from an empty image (layout erased, identity kept). Amplification: h += alpha * "
+               "sum of the projections on both order-probe columns at the layer-0 input, image tokens; fix rate = share "
+               "of the model's failures (random-layout scenes) answered right, at the best global alpha and per-item "
+               "oracle, against 5 random W swept over the same alphas (mean and t interval over draws).",
+               rows=[dict(measure="accuracy, unedited", value=_fmt(ablation.clean_acc)),
+                     dict(measure="accuracy, vision layout ablated", value=_fmt(ablation.ablated_acc)),
+                     dict(measure=f"amplification fix rate, best alpha {amp_s['best_alpha']:g} (of {amp.n_failures} failures)",
+                          value=_fmt(amp_s["fix_global"])),
+                     dict(measure="amplification fix rate, oracle alpha", value=_fmt(amp_s["fix_oracle"])),
+                     dict(measure="random W fix rate, best alpha", value=_fmt(amp_s["control_fix_global"])),
+                     dict(measure="random W fix rate, oracle alpha", value=_fmt(amp_s["control_fix_oracle"]))]
+               + ([dict(measure=f"absolute vs relative: probe follows order ({absrel.n_disagree} disagreeing tokens)",
+                        value=_fmt(absrel.follows_relative)),
+                   dict(measure="absolute vs relative: probe follows image half", value=_fmt(absrel.follows_absolute))]
+                  if absrel else []))
     report.add("Last-token patching per layer",
                "The final token's residual stream (resid_pre) taken from the shape-swapped run, one layer at a time: the "
                "logit difference jumps where image information has reached the final token.",
                fig=spatial.plot_layer_patching(last, ylabel="logit diff (clean answer - other)"))
-    return dict(probe_test_accuracy=acc, last_token_patching=last)
+    d = lambda e: None if e is None else e.to_dict()  # noqa: E731
+    return dict(position_probe_test_accuracy={k: v.to_dict() for k, v in acc.items()}, position_probe_chance=chance,
+                criss_cross={k: {_site(s): dict(flipped=r.flipped[s].to_dict(), kept=r.kept[s].to_dict()) for s in r.sites}
+                             for k, r in cc.items()},
+                vision_ablation=dict(clean=ablation.clean_acc.to_dict(), ablated=ablation.ablated_acc.to_dict()),
+                amplification=amp_s,
+                absolute_vs_relative=None if absrel is None else dict(
+                    follows_relative=d(absrel.follows_relative), follows_absolute=d(absrel.follows_absolute),
+                    n_disagree=absrel.n_disagree),
+                last_token_patching=last)
 
 
 def circuit_section(model: HookedVLM, report: Report, record: dict[str, Any] | None, n: int, seed: int) -> list[dict[str, Any]]:

@@ -139,9 +139,10 @@ def spatial_scenes(n: int, n_objects: int = 3, image_size: int = 384, seed: int 
         colours = [str(c) for c in rng.choice(list(COLOURS), n_objects, replace=False)]
         side = 0.8 / (2 * n_objects)
         y0 = float(rng.uniform(0.2, 0.8 - 2 * side))
+        jitter = min(0.05, 0.5 / n_objects - side - 0.01)  # keeps every square inside the image
         objects = []
         for k in range(n_objects):
-            cx = (k + 0.5) / n_objects + float(rng.uniform(-0.05, 0.05))
+            cx = (k + 0.5) / n_objects + float(rng.uniform(-jitter, jitter))
             objects.append(SceneObject(colours[k], "square", (cx - side, y0, cx + side, y0 + 2 * side), names[k]))
         t = int(rng.integers(n_objects))
         out.append(Stimulus(render(objects, image_size), f"What colour is the square on the {names[t]}? Answer with one word.",

@@ -340,3 +340,132 @@ def shapes_token_labels(model: "HookedVLM", inputs: dict[str, Any], scenes: Sequ
             covered = torch.isin(patch, torch.tensor(sc.object_patches(i))) & img
             out[bi, covered] = val
     return out
+
+
+# =========================================================================================================
+# Spatial binding (2603.22278) on Shapes scenes. The organisms were never asked left/right questions: the
+# position probes need no question; criss-cross and amplification use the image-only query "The {shape} is"
+# -> colour (candidates: the scene's colours), so they measure whether the answer follows the moved tokens.
+# =========================================================================================================
+def shapes_spatial_prompts(model: "HookedVLM", n: int, seed: int = 0, layout: str = "random", query: str = "shape_colour",
+                           split: str = "any", n_objects: int = 2,
+                           ) -> tuple[Batch, list[Any], list[list[tuple[float, float, float, float]]]]:
+    """(Batch, scenes, per prompt the objects' boxes as fractions of the image) for n Shapes prompts."""
+    from hooked_vlm.organism import ShapesGenerator
+
+    from .spatial_probes import pixel_boxes_to_fractions
+
+    samples = ShapesGenerator(seed, layout, n_objects).samples(n, query, split=split)
+    batch = encode(model.processor, samples)
+    scenes = [s.scene for s in samples]
+    return batch, scenes, [pixel_boxes_to_fractions(sc.boxes, s.image.size) for sc, s in zip(scenes, samples)]
+
+
+def _colour_candidates(model: "HookedVLM", scenes: Sequence[Any]) -> Tensor:
+    return torch.stack([word_ids(model.processor, list(sc.colours)) for sc in scenes])
+
+
+@torch.no_grad()
+def shapes_position_probes(model: "HookedVLM", n: int = 128, seed: int = 0, layout: str = "random",
+                           hooks: Sequence[str] | None = None, kind: str = "order", n_objects: int = 2,
+                           **train: Any) -> dict[str, Any]:
+    """Order probes ("which is left", 2 classes; left / middle / right with n_objects=3) on Shapes scenes, at
+    hook_embed (post-projection visual tokens) and every resid_post by default; `train` goes to train_probe."""
+    from .spatial_probes import position_labels, position_probes
+
+    batch, scenes, boxes = shapes_spatial_prompts(model, n, seed, layout, n_objects=n_objects)
+    hooks = list(hooks or ["hook_embed"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)])
+    labels = position_labels(model.layout(batch.inputs), boxes, kind)
+    return position_probes(model, batch.inputs, labels, hooks, seed=seed, **train)
+
+
+@torch.no_grad()
+def shapes_criss_cross(model: "HookedVLM", n: int = 64, seed: int = 0, layout: str = "random", kind: str = "object",
+                       golden: bool = True) -> Any:
+    """Criss-cross on Shapes: clean scene vs the same scene with its colours reversed (text unchanged); the leftmost
+    object's region <- the counterfactual's rightmost object's region and back. Query "The {shape} is": with two
+    objects the tokens moved onto the asked shape's place carry the other shape, so 'flipped' = the answer follows
+    the moved tokens (content), 'kept' = it stays with the place."""
+    from hooked_vlm.organism import render
+
+    from .criss_cross import criss_cross, criss_cross_pairs
+
+    batch, scenes, boxes = shapes_spatial_prompts(model, n, seed, layout)
+    cf_scenes = [replace(sc, colours=tuple(reversed(sc.colours))) for sc in scenes]
+    cf_inputs = dict(model.processor(images=[render(sc) for sc in cf_scenes], text=[s.prompt for s in batch.samples],
+                                     return_tensors="pt", padding=True))
+    if scenes[0].n_objects != 2:
+        raise ValueError(f"shapes_criss_cross: written for two-object scenes, got {scenes[0].n_objects} objects")
+    a, b = 0, 1  # with two objects: the left one and the right one, in either order
+    pairs, valid = criss_cross_pairs(model.layout(batch.inputs), model.layout(cf_inputs), boxes, a, b, kind)
+    t = torch.tensor([s.target for s in batch.samples])
+    # the counterfactual's answer: the colour its target object has, as an index into the clean colours
+    cf_answer = torch.tensor([list(sc.colours).index(cf.colours[s.target])
+                              for sc, cf, s in zip(scenes, cf_scenes, batch.samples)])
+    return criss_cross(model, batch.inputs, cf_inputs, pairs, _colour_candidates(model, scenes), t, cf_answer,
+                       valid=valid, golden=golden)
+
+
+@torch.no_grad()
+def shapes_amplification(model: "HookedVLM", n_probe: int = 128, n_eval: int = 128, seed: int = 0,
+                         layout: str = "random", query: str = "shape_colour", split: str = "any",
+                         alphas: Sequence[float | int] | None = None, control_seeds: Sequence[int] = (0, 1, 2, 3, 4),
+                         columns: Tensor | None = None) -> Any:
+    """Amplification on Shapes: the order probe (hook_embed, trained on n_probe scenes of `layout`; or `columns`) amplified at
+    the layer-0 input of n_eval other prompts (`query`, `split`, same layout); fix rate on the organism's failures.
+    The organisms answer their own layout's prompts almost perfectly (no failures to fix); a fixed-layout organism
+    on random-layout scenes fails on about a quarter, failures caused by positions it never saw."""
+    from .spatial_amplify import DEFAULT_ALPHAS, amplification_protocol
+
+    if columns is None:  # the probe's columns, unless given (e.g. from a probe trained elsewhere)
+        columns = shapes_position_probes(model, n_probe, seed, layout, ["hook_embed"])["hook_embed"].columns()
+    batch, scenes, _ = shapes_spatial_prompts(model, n_eval, seed + 1, layout, query, split)
+    t = torch.tensor([s.target for s in batch.samples])
+    cands = _colour_candidates(model, scenes) if query == "shape_colour" else None
+    answer = t if cands is not None else batch.answer
+    return amplification_protocol(model, batch.inputs, columns, answer, cands,
+                                  alphas=alphas or DEFAULT_ALPHAS, control_seeds=control_seeds)
+
+
+@torch.no_grad()
+def shapes_vision_ablation(model: "HookedVLM", n: int = 64, seed: int = 0, layout: str = "random") -> Any:
+    """The full-grid vision-encoder ablation on Shapes "The {shape} is" prompts: each object's tokens from a
+    reference image with that object alone at the centre, the background from an empty image."""
+    from hooked_vlm.organism import render
+
+    from .criss_cross import vision_ablation
+    from .spatial_probes import object_masks, pixel_boxes_to_fractions
+
+    batch, scenes, boxes = shapes_spatial_prompts(model, n, seed, layout)
+    size = render(scenes[0]).size
+    texts = [s.prompt for s in batch.samples]
+    enc = lambda imgs: dict(model.processor(images=imgs, text=texts, return_tensors="pt", padding=True))  # noqa: E731
+    empty = enc([render(replace(sc, shapes=(), colours=(), items=(), boxes=(), mention_order=())) for sc in scenes])
+    refs, ref_regions = [], []
+    for k in range(scenes[0].n_objects):
+        centred = []
+        for sc in scenes:
+            x0, y0, x1, y1 = sc.boxes[k]
+            w, h = x1 - x0, y1 - y0
+            cx0, cy0 = (size[0] - w) // 2, (size[1] - h) // 2
+            centred.append(replace(sc, shapes=(sc.shapes[k],), colours=(sc.colours[k],), items=(sc.items[k],),
+                                   boxes=((cx0, cy0, cx0 + w, cy0 + h),), mention_order=(0,)))
+        ref = enc([render(c) for c in centred])
+        refs.append(ref)
+        ref_regions.append(object_masks(model.layout(ref), [pixel_boxes_to_fractions(c.boxes, size) for c in centred])[0])
+    regions = object_masks(model.layout(batch.inputs), boxes)
+    t = torch.tensor([s.target for s in batch.samples])
+    return vision_ablation(model, batch.inputs, regions, refs, ref_regions, empty, _colour_candidates(model, scenes), t)
+
+
+@torch.no_grad()
+def shapes_absolute_vs_relative(model: "HookedVLM", n: int = 128, seed: int = 0, layout: str = "random") -> Any:
+    """The absolute-vs-relative control on randomly placed Shapes objects: order ("which is left") against the
+    image half the object's centre lies in; pairs with both objects in one half disagree for one of them."""
+    from .spatial_probes import absolute_vs_relative, position_labels
+
+    batch, scenes, boxes = shapes_spatial_prompts(model, n, seed, layout)
+    lay = model.layout(batch.inputs)
+    n_cls = scenes[0].n_objects
+    return absolute_vs_relative(model, batch.inputs, position_labels(lay, boxes, "order"),
+                                position_labels(lay, boxes, "absolute", n_cls), seed=seed)

@@ -31,5 +31,10 @@ def test_demo_runs_and_reports(organism, tmp_path):
     assert all("control" in r for r in gate["knockout"])  # the text-only control beside every knockout
     assert {r["renormalize"] for r in gate["knockout"]} == {False, True}
     assert len(gate["steering"]["resid"]) == len(gate["steering"]["attn_input"]) > 1
+    sp = summary["spatial"]  # 2603.22278's protocols: every rate with its interval
+    rates = [*sp["position_probe_test_accuracy"].values(), sp["vision_ablation"]["ablated"],
+             *(v["flipped"] for kind in sp["criss_cross"].values() for v in kind.values())]
+    assert all(set(r) >= {"value", "ci_low", "ci_high", "n"} and r["ci_low"] <= r["value"] <= r["ci_high"] for r in rates)
+    assert sp["criss_cross"]["object"]["L0 input"]["flipped"]["value"] >= 0.8  # the answer follows the moved tokens
     image_rows = [r for r in summary["circuit_recovery"] if r["counterfactual"].startswith("image")]
     assert min(r["rank L2H0"] for r in image_rows) == 1 or min(r["rank L1H0"] for r in image_rows) == 1
