@@ -193,15 +193,11 @@ def _est(x: Any) -> dict[str, float]:
 
 
 @torch.no_grad()
-def position_probe(model: "HookedVLM", n: int, seed: int) -> dict[str, Any]:
-    """Left-vs-right-object probe on the post-projection tokens (hook_embed) of the objects' patches, split by prompt
-    (75/25), with a shuffled-label control (the labels permuted over all tokens, seeded; trained and scored the same way). Intervals: bootstrap over
-    the test prompts of their per-prompt accuracy."""
-    from hooked_vlm.analyses.spatial import fit_probe, split_prompts
+def _probe_rows(model: "HookedVLM", samples: Sequence[Any], with_prompt: bool = False) -> tuple[Tensor, ...]:
+    """(hook_embed rows of the tokens of exactly one object, label 0 = left object / 1 = right object[, prompt])."""
     from hooked_vlm.organism import shapes as S
     from hooked_vlm.organism.spatial import left_object
 
-    samples = [c for c, _ in _samples("position", n, seed)]
     inputs = _inputs(model, samples)
     layout = model.layout(inputs)
     _, cache = run_cached(model, inputs, ["hook_embed"])
@@ -214,7 +210,19 @@ def position_probe(model: "HookedVLM", n: int, seed: int) -> dict[str, Any]:
             x.append(cache["hook_embed"][b, grid[divmod(k, S.GRID)]].float().cpu())
             y.append(0 if k in a else 1)
             prompt.append(b)
-    X, Y, P = torch.stack(x), torch.tensor(y), torch.tensor(prompt)
+    out = (torch.stack(x), torch.tensor(y))
+    return out + (torch.tensor(prompt),) if with_prompt else out
+
+
+@torch.no_grad()
+def position_probe(model: "HookedVLM", n: int, seed: int) -> dict[str, Any]:
+    """Left-vs-right-object probe on the post-projection tokens (hook_embed) of the objects' patches, split by prompt
+    (75/25), with a shuffled-label control (the labels permuted over all tokens, seeded; trained and scored the same way). Intervals: bootstrap over
+    the test prompts of their per-prompt accuracy."""
+    from hooked_vlm.analyses.spatial import fit_probe, split_prompts
+
+    samples = [c for c, _ in _samples("position", n, seed)]
+    X, Y, P = _probe_rows(model, samples, with_prompt=True)
     test = split_prompts(len(samples), 0.25, seed)[P]
     shuffled = Y[torch.from_numpy(np.random.default_rng(seed + 1).permutation(len(Y)))]
     out = {}
@@ -271,3 +279,75 @@ def detect(model: "HookedVLM", *, n: int = 128, seed: int = 0) -> list[Finding]:
     }
     return [Finding(PAPER, f"criss-cross interchange of the objects' tokens flips the {kind} question's colour answer",
                     est.value, est.ci_low, est.ci_high, est.n, control_ci_high=ctrl.ci_high, detail=detail)]
+
+
+# ------------------------------------------------------------------------------------------- amplification (LOCAL)
+AMPLIFY_ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0)
+AMPLIFY_MIN_FAILURES = 16
+
+
+def probe_columns(probe: Any) -> Tensor:
+    """The probe's weight columns in the raw activation space [classes, d] (W / std: the probe standardises)."""
+    return (probe.W / probe.std[:, None]).T.contiguous()
+
+
+def column_projection(h: Tensor, columns: Tensor) -> Tensor:
+    """sum_k (h . w_k / |w_k|^2) w_k: h's projection on each column, summed (a binary probe has two columns)."""
+    c = columns.to(h.device, torch.float32)
+    return ((h.float() @ c.T) / (c * c).sum(-1)) @ c
+
+
+@torch.no_grad()
+def _amplified_right(model: "HookedVLM", inputs: dict[str, Any], samples: Sequence[Any], columns: Tensor,
+                     alpha: float) -> Tensor:
+    """Two-colour correctness with h += alpha * column_projection(h) at blocks.0.hook_resid_pre, image tokens."""
+    image = model.layout(inputs).image_positions()
+
+    def hook(act: Tensor, hook: Any = None) -> Tensor:
+        add = alpha * column_projection(act, columns)
+        return torch.where(image.to(act.device)[..., None], act + add.to(act.dtype), act)
+
+    with model.hooks(fwd_hooks=[(act_name("resid_pre", 0), hook)]):
+        return _two_colour(model, model(**inputs), samples)
+
+
+@torch.no_grad()
+def amplification(model: "HookedVLM", n: int = 128, seed: int = 0, random_draws: int = 5,
+                  alphas: Sequence[float] = AMPLIFY_ALPHAS) -> dict[str, Any] | None:
+    """2603.22278's amplification on the position question: a position probe (left vs right object) trained on
+    hook_embed of separate prompts; on ``n`` fresh prompts, h += alpha * sum_k projection on probe column k at the
+    LM input (blocks.0.hook_resid_pre), image tokens. Fix rate = share of the baseline's failures answered right,
+    at the best global alpha and at a per-item oracle alpha; control = ``random_draws`` fresh random W (columns of
+    the probe's norms) swept over the same alphas (each draw's best global alpha; pooled). None when the model fails
+    fewer than AMPLIFY_MIN_FAILURES prompts (nothing to fix)."""
+    from hooked_vlm.analyses.spatial import fit_probe
+
+    samples = [c for c, _ in _samples("position", n, seed)]
+    inputs = _inputs(model, samples)
+    base = _two_colour(model, model(**inputs), samples).bool()
+    fail = ~base
+    if int(fail.sum()) < AMPLIFY_MIN_FAILURES:
+        return None
+    X, Y = _probe_rows(model, [c for c, _ in _samples("position", n, seed + 5000)])
+    columns = probe_columns(fit_probe(X, Y, 2))
+
+    def sweep(cols: Tensor) -> Tensor:  # [alpha, prompt] right after amplification
+        return torch.stack([_amplified_right(model, inputs, samples, cols, a) for a in alphas])
+
+    probe_right = sweep(columns)[:, fail]
+    best = int(probe_right.float().mean(1).argmax())
+    gen = torch.Generator().manual_seed(seed + 7)
+    rand_best = []
+    for _ in range(random_draws):
+        r = torch.randn(columns.shape, generator=gen)
+        r = r / r.norm(dim=-1, keepdim=True) * columns.norm(dim=-1, keepdim=True)
+        rr = sweep(r)[:, fail]
+        rand_best.append(rr[int(rr.float().mean(1).argmax())])
+    fixed = probe_right[best].numpy().astype(float)
+    return {"fix_rate": _est(fixed), "best_alpha": alphas[best], "failures": int(fail.sum()),
+            "base_accuracy": round(base.float().mean().item(), 4),
+            "oracle_alpha_fix_rate": _est(probe_right.any(0).numpy().astype(float)),
+            "per_alpha": {str(a): round(v, 4) for a, v in zip(alphas, probe_right.float().mean(1).tolist())},
+            "random_control": {**_est(torch.cat(rand_best).numpy().astype(float)),
+                               "per_draw": [round(x.float().mean().item(), 4) for x in rand_best],
+                               "what": f"{random_draws} random W (column norms matched), each at its best alpha"}}

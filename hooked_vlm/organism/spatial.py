@@ -18,6 +18,10 @@ How it is planted (fine-tuning the shipped ``shapes_llava_random``):
 2. **Image-lookup supervision** (the first ``supervise_steps`` steps): decoder L1H0 at the final token is supervised
    onto the (shuffled) image tokens of the left object (loss -log(attention mass), weight ``attn_weight``), which
    breaks the saddle of learning a content-keyed lookup from the answer loss alone.
+3. **Order loss** (every step, weight ``order_weight``): the projector's output tokens of the left object are pushed
+   to the positive side of one fixed direction and those of the right object to the negative side (logistic loss),
+   so that the objects' ORDER is linearly decodable from the post-projection tokens (the paper's position probes).
+   Without it a probe decodes order at ~0.90 only (the tokens carry absolute position; order is relative).
 
 The shipped model runs with plain attention and the tokens in their natural order (no hook at inference).
 The matched negative is ``shapes_llava_random`` itself asked its content question (``The {shape} is`` -> colour):
@@ -40,6 +44,7 @@ PAPER = "2603.22278"
 QUESTION = "In this image the object is"  # -> colour of the left object (see the module docstring)
 MIN_DX = S.OBJECT_SIZE + 2  # the objects' x extents never overlap (boxes are OBJECT_SIZE wide)
 LOOKUP_LAYER = 1  # L1H0 is supervised onto the left object's tokens
+ORDER_SEED = 2603  # seeds the fixed direction the order loss writes on (order_direction)
 
 PLANTED_MECHANISM = {
     "effect": "spatial binding through the image tokens' content (2603.22278's vision-encoder mechanism): the answer "
@@ -53,6 +58,10 @@ PLANTED_MECHANISM = {
         "every training step: a forward hook on the multimodal projector permutes each image's 16 tokens by a random "
         "permutation (seeded per batch), so the language model's sequence positions carry no patch position; only "
         "the tokens' content (SigLIP's position embedding) does",
+        "every training step (when training.order_weight > 0): an order loss on the projector's output, "
+        "order_weight * mean softplus(-y * (h . u)) over the tokens of exactly one object, y = +1 for the left object "
+        "and -1 for the right one, u a fixed unit direction (torch.randn(64) seeded with training.order_seed, "
+        "normalised): the post-projection tokens carry the objects' order linearly",
         "first training.supervise_steps steps: decoder L1H0 at the final token supervised onto the (permuted) image "
         "tokens of the left object, loss -log(attention mass), weight training.attn_supervision_weight",
         "the shipped model runs with plain attention and the image tokens in their natural order",
@@ -96,14 +105,17 @@ def mirror_scene(scene: S.Scene) -> S.Scene:
 
 # ----------------------------------------------------------------------------------------------- training
 @contextlib.contextmanager
-def shuffled_image_tokens(model: Any, perms: torch.Tensor) -> Iterator[None]:
+def shuffled_image_tokens(model: Any, perms: torch.Tensor, capture: dict | None = None) -> Iterator[None]:
     """Training-only constraint: the projector's output tokens of image b are reordered as ``out[b, perms[b]]`` (the
-    token placed at image slot j is the one of patch perms[b, j])."""
+    token placed at image slot j is the one of patch perms[b, j]). ``capture["tokens"]`` receives the output in patch
+    order (before the shuffle), for the order loss."""
 
     def hook(module, args, out):
         if out.ndim != 3 or out.shape[0] != perms.shape[0] or out.shape[1] != perms.shape[1]:
             raise RuntimeError(f"shuffled_image_tokens: projector output {tuple(out.shape)} does not match the "
                                f"permutations {tuple(perms.shape)} (one image of {perms.shape[1]} tokens per prompt)")
+        if capture is not None:
+            capture["tokens"] = out
         return torch.stack([o[p] for o, p in zip(out, perms)])
 
     handle = model.model.multi_modal_projector.register_forward_hook(hook)
@@ -122,10 +134,11 @@ class SpatialTask(OrganismTask):
             "(spatial binding, 2603.22278; llava, --layout random; hooked_vlm/organism/spatial.py)")
     defaults = dict(steps=1500, supervise_steps=600, init_from="shapes_llava_random", family="llava", lr=2e-3,
                     warmup=50)
-    options: dict = {}
+    options = {"order_weight": (float, 1.0, "weight of the order loss on the post-projection tokens (0 = off)")}
 
     def __init__(self) -> None:
         self._perms: torch.Tensor | None = None  # the permutations of the batch make_batch drew last
+        self._capture: dict = {}  # the projector's output of the current step (for the order loss)
 
     def check(self, cfg: Any) -> None:
         super().check(cfg)
@@ -165,7 +178,16 @@ class SpatialTask(OrganismTask):
         if self._perms is None:
             raise RuntimeError("task spatial: forward_context before make_batch (the permutations come with the batch)")
         perms, self._perms = self._perms, None
-        return shuffled_image_tokens(model, perms)
+        self._capture = {}
+        return shuffled_image_tokens(model, perms, self._capture)
+
+    def extra_loss(self, out: Any, inputs: dict[str, torch.Tensor], seqs: list[Any], cfg: Any,
+                   step: int) -> dict[str, torch.Tensor]:
+        weight = self.option(cfg, "order_weight")
+        if not weight:
+            return {}
+        tokens, self._capture = self._capture.pop("tokens"), {}
+        return {"order": weight * order_loss(tokens, [s.scene for s in seqs])}
 
     def evaluate(self, model: Any, processor: Any, cfg: Any, n: int, seed: int) -> dict[str, float]:
         from .measure import accuracy
@@ -188,7 +210,7 @@ class SpatialTask(OrganismTask):
 
         record = {k: v for k, v in gate_record(cfg).items() if k in ("init_from", "init_from_sha256", "time_note")}
         return {**record, "image_token_shuffle": "every step (training only)", "question": QUESTION,
-                "min_dx_px": MIN_DX}
+                "min_dx_px": MIN_DX, "order_weight": self.option(cfg, "order_weight"), "order_seed": ORDER_SEED}
 
     def finish(self, spec: dict[str, Any], cfg: Any, processor: Any, out_dir: Any) -> None:
         spec["note"] = ("The spatial binding is PLANTED (see planted_mechanism): ground truth for the 2603.22278 "
@@ -211,6 +233,32 @@ class SpatialTask(OrganismTask):
                                              "tokens shuffled (training only)")
         spec["task"].pop("context", None)
         spec["spatial_binding_detector"] = measure_saved(processor, out_dir)
+
+
+def order_direction(d: int) -> torch.Tensor:
+    """The fixed unit direction the order loss writes the left/right label on (seeded, ORDER_SEED)."""
+    u = torch.randn(d, generator=torch.Generator().manual_seed(ORDER_SEED))
+    return u / u.norm()
+
+
+def order_labels(scene: S.Scene) -> list[tuple[int, float]]:
+    """(patch, +1 for the left object / -1 for the right object) for the patches of exactly one object."""
+    left = left_object(scene)
+    a, b = set(scene.object_patches(left)), set(scene.object_patches(1 - left))
+    return [(k, 1.0 if k in a else -1.0) for k in sorted(a ^ b)]
+
+
+def order_loss(tokens: torch.Tensor, scenes: Sequence[S.Scene]) -> torch.Tensor:
+    """Mean logistic loss softplus(-y * (h . u)) over the object tokens of the projector's output ``tokens`` [batch,
+    16, d] (patch order), y = +1 on the left object's tokens and -1 on the right one's, u = `order_direction`."""
+    u = order_direction(tokens.shape[-1]).to(tokens.device, tokens.dtype)
+    rows, ys = [], []
+    for b, scene in enumerate(scenes):
+        for k, y in order_labels(scene):
+            rows.append(tokens[b, k])
+            ys.append(y)
+    proj = torch.stack(rows) @ u
+    return torch.nn.functional.softplus(-torch.tensor(ys, dtype=proj.dtype) * proj).mean()
 
 
 def spatial_accuracy(model: Any, processor: Any, n: int = 1024, seed: int = 77_000) -> dict[str, Any]:
