@@ -21,16 +21,23 @@ Protocol (the paper's criss-cross interchange, /work/shared/notes/papers.md "Pro
    set, then measured on fresh prompts), with a Wilson interval.
    **Control** (same site, same prompts): the same mirrored interchange on every image token OUTSIDE the objects'
    regions (the background's position signal moves, the objects' does not).
-5. **Detail** (not decision rows): the flip rate at every site; a "content move" interchange (object regions from a
+5. **Position probe** (second finding): logistic regression, left object vs right object, on the post-projection
+   tokens (``hook_embed``) of the tokens of exactly one object, split by prompt (75/25); estimate = test accuracy,
+   control = the same probe trained and scored on labels permuted over the tokens. Interval: the wider of a bootstrap
+   over test prompts and a Wilson interval over test tokens (the bootstrap collapses at 1.0).
+   **Detail** (not decision rows): the flip rate at every site; a "content move" interchange (object regions from a
    colour-swapped image at the same positions: the colour moves, the position does not; it flips the answer of any
-   model that reads the objects at all, a check that the interchange reaches the answer); a position probe (logistic
-   regression, left object vs right object, on the post-projection tokens ``hook_embed`` of the object regions,
-   split by prompt) with its shuffled-label control. The probe is kept out of the decision: every random-layout
-   organism's vision encoder encodes position, so "decodable" is not the effect (the paper: decodable, yet only one
-   of two mechanisms drives the answer).
+   model that reads the objects at all, a check that the interchange reaches the answer).
 
-LOCAL INTERCHANGE: the criss-cross helpers here (`mirror_pairs`, `interchange`) are this module's own, written before
-analyses/criss_cross.py (`criss_cross`, `criss_cross_pairs`) reached main. Switch to those after merging: pairs for
+6. **Amplification** (`amplification`, not part of `detect`: a trained organism has no failures to fix): the paper's
+   h += alpha * sum_k projection on probe column k at the LM input (image tokens), fix rate on the baseline's
+   failures at the best global alpha vs random W swept over the same alphas. Run it on an under-trained checkpoint
+   (hooked_vlm.organism.spatial.undertrained).
+
+LOCAL INTERCHANGE: the criss-cross and amplification helpers here (`mirror_pairs`, `interchange`,
+`probe_columns`, `column_projection`, `amplification`) are this module's own, written before
+analyses/criss_cross.py (`criss_cross`, `criss_cross_pairs`) and analyses/spatial_amplify.py reached main.
+Switch to those after merging: pairs for
 the mirrored counterfactual are clean (row, col) <- cf (row, cols - 1 - col) on both objects' regions.
 """
 from __future__ import annotations
@@ -42,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hooked_vlm.analyses.toolkit import act_name, bootstrap, rate, run_cached
+from hooked_vlm.analyses.toolkit import act_name, bootstrap, over_seeds, rate, run_cached
 
 from .base import Finding
 
@@ -231,11 +238,12 @@ def position_probe(model: "HookedVLM", n: int, seed: int) -> dict[str, Any]:
         hit = (probe.predict(X[test]) == labels[test]).double()
         tp = P[test]
         per_prompt = np.array([hit[tp == p].mean().item() for p in tp.unique()])
-        e = bootstrap(per_prompt, seed=seed)
-        out[name] = {"value": round(e.value, 4), "ci_low": round(e.ci_low, 4), "ci_high": round(e.ci_high, 4),
-                     "n": e.n}
+        e, w = bootstrap(per_prompt, seed=seed), rate(hit.numpy())
+        out[name] = {"value": round(w.value, 4), "ci_low": round(min(e.ci_low, w.ci_low), 4),
+                     "ci_high": round(max(e.ci_high, w.ci_high), 4), "n_prompts": e.n, "n_tokens": w.n}
     out["note"] = ("left vs right object, tokens of exactly one object's patches at hook_embed (post-projection); "
-                   f"{len(Y)} tokens of {n} prompts; interval = bootstrap over test prompts")
+                   f"{len(Y)} tokens of {n} prompts; value = test-token accuracy; interval = the wider of a bootstrap over "
+                   "test prompts and a Wilson interval over test tokens")
     return out
 
 
@@ -254,9 +262,10 @@ def choose_question(model: "HookedVLM", seed: int) -> tuple[str, dict[str, float
 
 @torch.no_grad()
 def detect(model: "HookedVLM", *, n: int = 128, seed: int = 0) -> list[Finding]:
-    """The criss-cross finding (module docstring) on a Shapes organism: the share of golden prompts whose colour answer
-    flips when the objects' tokens are interchanged with their mirrored counterparts (position moves, content stays),
-    at the best site, against the background-interchange control."""
+    """Two findings (module docstring) on a Shapes organism: (1) the share of golden prompts whose colour answer flips
+    when the objects' tokens are interchanged with their mirrored counterparts (position moves, content stays), at
+    the best site, against the background-interchange control; (2) the position probe's order accuracy against its
+    shuffled-label control."""
     if n < 8:
         raise ValueError(f"detect: n must be >= 8 prompts, got {n}")
     kind, select_acc = choose_question(model, seed)
@@ -275,14 +284,22 @@ def detect(model: "HookedVLM", *, n: int = 128, seed: int = 0) -> list[Finding]:
         "per_site": {s: {k: _est(main[s][k]) for k in ("criss_cross", "background", "content_move")} for s in site_list},
         "content_move_note": "object regions from the colour-exchanged image at the same positions: the colour moves, "
                              "the position stays; flips the answer of any model that reads the objects",
-        "position_probe": position_probe(model, n, seed + 2000),
     }
+    probe = position_probe(model, n, seed + 2000)
+    p, c = probe["probe"], probe["shuffled_labels"]
     return [Finding(PAPER, f"criss-cross interchange of the objects' tokens flips the {kind} question's colour answer",
-                    est.value, est.ci_low, est.ci_high, est.n, control_ci_high=ctrl.ci_high, detail=detail)]
+                    est.value, est.ci_low, est.ci_high, est.n, control_ci_high=ctrl.ci_high, detail=detail),
+            Finding(PAPER, "position probe decodes the objects' left/right order from the post-projection tokens",
+                    p["value"], p["ci_low"], p["ci_high"], p["n_tokens"], control_ci_high=c["ci_high"],
+                    detail={"shuffled_label_control": c, "note": probe["note"]})]
 
 
 # ------------------------------------------------------------------------------------------- amplification (LOCAL)
-AMPLIFY_ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0)
+# The grid stops at 2: on the under-trained checkpoint (hooked_vlm.organism.spatial.undertrained) random W fix as many
+# failures as the probe from alpha 4 on (0.21-0.88 at alpha 8 over four draws, against 0.84 for the probe): adding
+# several times a token's own projection on any direction makes the image tokens louder, which the half-trained
+# lookup also needs. Up to alpha 2 the probe fixes 0.71 and random W 0.10-0.38.
+AMPLIFY_ALPHAS = (0.25, 0.5, 1.0, 2.0)
 AMPLIFY_MIN_FAILURES = 16
 
 
@@ -348,6 +365,12 @@ def amplification(model: "HookedVLM", n: int = 128, seed: int = 0, random_draws:
             "base_accuracy": round(base.float().mean().item(), 4),
             "oracle_alpha_fix_rate": _est(probe_right.any(0).numpy().astype(float)),
             "per_alpha": {str(a): round(v, 4) for a, v in zip(alphas, probe_right.float().mean(1).tolist())},
-            "random_control": {**_est(torch.cat(rand_best).numpy().astype(float)),
+            "random_control": {**_seeds([x.float().mean().item() for x in rand_best]),
                                "per_draw": [round(x.float().mean().item(), 4) for x in rand_best],
-                               "what": f"{random_draws} random W (column norms matched), each at its best alpha"}}
+                               "what": f"{random_draws} random W (column norms matched), each at its best alpha; "
+                                       "t interval over the draws"}}
+
+
+def _seeds(values: Sequence[float]) -> dict[str, float]:
+    e = over_seeds(np.asarray(values, dtype=float))
+    return {"value": round(e.value, 4), "ci_low": round(e.ci_low, 4), "ci_high": round(e.ci_high, 4), "n": e.n}

@@ -291,3 +291,46 @@ def measure_saved(processor: Any, path: Any, n: int | None = None) -> list[dict[
 
 
 SPATIAL = register_task(SpatialTask())
+
+
+# ------------------------------------------------------------------------------- under-trained (amplification)
+UNDERTRAINED_STEPS = 5
+
+
+def undertrained(work_dir: Any, steps: int = UNDERTRAINED_STEPS, seed: int = 0) -> Any:
+    """A deliberately under-trained spatial organism for 2603.22278's amplification protocol, built in seconds and
+    not shipped: the shipped ``shapes_llava_random_spatial``'s vision tower and projector (their tokens carry the
+    objects' order on one direction) with ``shapes_llava_random``'s language model, fine-tuned for ``steps`` steps of
+    this task (default recipe, seed ``seed``; 5 steps -> ~0.71 on the spatial question, the order still decodable
+    at 1.00). Deterministic. Returns the HF directory of the checkpoint (load it with ``load_organism``)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from . import load_organism_hf, organism_dir
+    from . import state as ST
+    from .train import TrainConfig, train_organism
+
+    work = Path(work_dir)
+    mixed, out = work / "mixed_init", work / f"undertrained_{steps}"
+    init, _ = load_organism_hf("shapes_llava_random")
+    trained, _ = load_organism_hf("shapes_llava_random_spatial")
+    state = init.state_dict()
+    state.update({k: v for k, v in trained.state_dict().items() if k.startswith(("model.vision_tower.",
+                                                                                  "model.multi_modal_projector."))})
+    init.load_state_dict(state)
+    init.save_pretrained(mixed)
+    shutil.copy(organism_dir("shapes_llava_random") / "organism.json", mixed)
+    cfg = TrainConfig(task="spatial", layout="random", **{k: v for k, v in SPATIAL.defaults.items() if k != "steps"})
+    cfg.init_from = str(mixed)
+    train_organism(work / "run", steps=SPATIAL.defaults["steps"], seed=seed, state_dir=work / "state", cfg=cfg,
+                   progress=False, stop_after=steps)
+    init.load_state_dict(ST.saved_model(work / "state"))
+    init.save_pretrained(out)
+    record = json.loads((organism_dir("shapes_llava_random") / "organism.json").read_text())
+    record.update(name=f"shapes_llava_random_spatial_undertrained_{steps}",
+                  note=f"NOT SHIPPED: deliberately under-trained ({steps} steps of --task spatial from "
+                       "shapes_llava_random's LM + shapes_llava_random_spatial's vision side), for amplification")
+    record.pop("ground_truth", None)
+    (out / "organism.json").write_text(json.dumps(record, indent=1))
+    return out

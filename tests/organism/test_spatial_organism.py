@@ -121,8 +121,11 @@ def test_ground_truth_records():
 
 @pytest.mark.parametrize("name,expected", [("shapes_llava_random_spatial", True), ("shapes_llava_random", False)])
 def test_detector_on_shipped_checkpoints_fast(name, expected):
-    (finding,) = SB.detect(load_organism(name), n=32)
+    finding, probe = SB.detect(load_organism(name), n=32)
     assert finding.detected is expected, finding.to_dict()
+    assert probe.detected is expected, probe.to_dict()
+    assert probe.detail["shuffled_label_control"]["value"] <= 0.75  # 8 test prompts: noisy around 0.5
+    assert (probe.estimate >= 0.95) if expected else (probe.estimate <= 0.75)
     assert finding.detail["question"] == ("position" if expected else "content")
     assert finding.detail["control"]["value"] <= 0.05
     if expected:
@@ -135,6 +138,14 @@ def test_detector_on_shipped_checkpoints_fast(name, expected):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,expected", [("shapes_llava_random_spatial", True), ("shapes_llava_random", False)])
 def test_detector_on_shipped_checkpoints_default_n(name, expected):
-    (finding,) = SB.detect(load_organism(name))
-    assert finding.detected is expected and finding.n >= 100
+    finding, probe = SB.detect(load_organism(name))
+    assert finding.detected is expected and finding.n >= 100 and probe.detected is expected
     assert (finding.estimate >= 0.8) if expected else (finding.estimate <= 0.05)
+
+
+def test_amplification_fixes_failures_of_the_undertrained_checkpoint_beyond_random_w(tmp_path):
+    model = load_organism(SP.undertrained(tmp_path))
+    res = SB.amplification(model, n=128)
+    assert 0.6 <= res["base_accuracy"] <= 0.85 and res["failures"] >= SB.AMPLIFY_MIN_FAILURES
+    assert res["fix_rate"]["ci_low"] > res["random_control"]["ci_high"], res
+    assert SB.amplification(load_organism("shapes_llava_random_spatial"), n=32) is None  # nothing to fix
