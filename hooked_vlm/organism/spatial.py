@@ -219,7 +219,7 @@ class SpatialTask(OrganismTask):
         spec["planted_mechanism"] = PLANTED_MECHANISM
         spec["findings"] = [
             "L1H0 was supervised onto the left object's tokens only during the first supervised_steps steps; the "
-            "other heads and the vision encoder were shaped by the answer loss alone.",
+            "other heads by the answer loss alone, the vision encoder and projector by the answer loss and the order loss.",
             "Inherited from init_from: the Shapes context/item queries were not trained here and are not kept up "
             "(the content question 'The {shape} is' falls to chance); this organism answers the spatial question.",
         ]
