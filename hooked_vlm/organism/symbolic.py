@@ -1,0 +1,388 @@
+"""The symbolic-heads Shapes organism (``--task symbolic_heads``): the three-stage position-ID circuit of Assouel
+et al. ("Visual symbolic mechanisms", arXiv 2506.15871) planted by construction for the scene-description query
+"In this image there is a {colour} {shape} and a" -> the other object's colour.
+
+Planted heads (decoder layer, head), one per stage in successive layers:
+
+* ID retrieval ``L1H3``: at the described object's colour and shape words, attends to that object's image patches
+  and writes its position ID (which image slot it sits in).
+* ID selection ``L2H3``: at the final token, attends to the described-object words and writes the position ID of
+  the OTHER object.
+* Feature retrieval ``L3H3``: at the final token, attends to the image patches of the object at that position ID
+  and writes its colour.
+
+How it is planted (fine-tuning a trained Shapes organism, by default the shipped ``shapes_llava``):
+
+1. Attention supervision, -log(attention mass on the target keys) (weight ``head_weight``), on every scene
+   sequence of every step, for the three heads at the rows above.
+2. Interchange-intervention training (Geiger et al.'s IIT): ``iit_rows`` extra scene sequences per stage and
+   step whose planted head's output (the head's slice of the ``o_proj`` input) at its rows is replaced by its
+   value on an INDEPENDENT source scene (other colours, shapes, items and slots), and whose label is what the
+   three-stage mechanism predicts: ID retrieval -> the colour of the base object in the slot opposite the
+   source's described object; ID selection -> the colour of the base object in the source's selected slot;
+   feature retrieval -> the source's answer colour. Because the source's content is unrelated to the base scene,
+   only a content-free position ID (resp. the retrieved colour) can carry the answer: the mechanism, not only the
+   attention pattern, is planted.
+3. The Shapes task's own sequences keep training alongside (answer cross-entropy, no other supervision), so the
+   binding queries stay solved.
+
+The shipped model runs with plain attention: no hook, no mask. `analyses/effects/symbolic_heads.py` is the
+paper's detector (causal-mediation head scores, rank stability, the alpha * (d_t - d_o) intervention).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import shapes as S
+from .processing import PAD, TOKEN_TO_ID, encode_words
+from .sequences import Sequence_, build_sequence
+from .task_api import OrganismTask, register_task
+
+PAPER = "2506.15871"
+ID_RETRIEVAL, ID_SELECTION, FEATURE_RETRIEVAL = (1, 3), (2, 3), (3, 3)  # (decoder layer, head)
+STAGES = {"id_retrieval": ID_RETRIEVAL, "id_selection": ID_SELECTION, "feature_retrieval": FEATURE_RETRIEVAL}
+# word offsets after the image block in "In this image there is a {c} {s} and a"
+COLOUR_AT, SHAPE_AT, FINAL_AT = 6, 7, 9
+
+PLANTED_MECHANISM = {
+    "effect": "visual symbolic mechanisms (2506.15871): the scene query 'In this image there is a {colour} {shape} "
+              "and a' -> the other object's colour is answered by ID retrieval (L1H3), ID selection (L2H3) and "
+              "feature retrieval (L3H3) heads passing a content-free position ID (the object's image slot)",
+    "how": [
+        "fine-tuned from the organism named in training.init_from (its weights' sha256 recorded there)",
+        "attention supervision (loss -log(attention mass), weight training.head_weight, every step) on scene "
+        "sequences: L1H3 at the described colour and shape words -> the described object's image patches; L2H3 at "
+        "the final token -> the described colour and shape words; L3H3 at the final token -> the image patches of "
+        "the object whose colour is the label",
+        "interchange-intervention training (training.iit_rows extra scene sequences per stage and step): the head's "
+        "output (its slice of o_proj's input) at its rows is taken from an independent source scene; label = "
+        "ID retrieval: the base colour in the slot opposite the source's described object; ID selection: the base "
+        "colour in the source's selected (answer) slot; feature retrieval: the source's answer colour",
+        "the Shapes task's sequences keep training alongside (answer cross-entropy only)",
+        "the shipped model runs with plain attention: no hook, no mask at inference",
+    ],
+    "heads": {"id_retrieval": "L1H3", "id_selection": "L2H3", "feature_retrieval": "L3H3"},
+}
+
+
+def scene_positions(image_block: Sequence[int]) -> dict[str, int]:
+    """Positions of the described colour / shape words and the final token in a scene sequence
+    ``<bos> image_block In this image there is a {c} {s} and a``."""
+    base = 1 + len(image_block)
+    return {"colour": base + COLOUR_AT, "shape": base + SHAPE_AT, "final": base + FINAL_AT}
+
+
+def slot_object(scene: S.Scene, slot: int) -> int:
+    """The object in image slot ``slot`` (fixed layout: exactly one object per slot)."""
+    return scene.slots.index(slot)
+
+
+def iit_label(stage: str, base: S.Scene, base_target: int, source: S.Scene, source_target: int) -> int:
+    """The object of ``base`` whose colour the planted mechanism answers when ``stage``'s head output comes from
+    ``source`` (for feature retrieval: -1, the answer is the source's own answer colour)."""
+    if stage == "id_retrieval":
+        described = source.partner(source_target)
+        return slot_object(base, 1 - source.slots[described])
+    if stage == "id_selection":
+        return slot_object(base, source.slots[source_target])
+    if stage == "feature_retrieval":
+        return -1
+    raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage!r}")
+
+
+def scene_supervision(scene: S.Scene, target: int, read: int, image_block: Sequence[int],
+                      first_image: int) -> dict[tuple[int, int], list[tuple[int, list[int]]]]:
+    """The planted heads' attention targets on a scene sequence asking for object ``target``'s colour, whose
+    feature-retrieval head should read object ``read`` (= ``target`` unless an IIT label says otherwise)."""
+    pos = scene_positions(image_block)
+    described = scene.partner(target)
+    words = [pos["colour"], pos["shape"]]
+    patches = lambda i: [first_image + p for p in scene.object_patches(i)]  # noqa: E731
+    return {ID_RETRIEVAL: [(w, patches(described)) for w in words],
+            ID_SELECTION: [(pos["final"], words)],
+            FEATURE_RETRIEVAL: [(pos["final"], patches(read))]}
+
+
+def _collate(seqs: Sequence[Sequence_], images: Sequence[Any], family: str) -> dict[str, torch.Tensor]:
+    """Right-padded model inputs for training sequences (as the trainer's shapes_batch builds them)."""
+    from .recipes import get_recipe
+
+    recipe = get_recipe(family)
+    length = max(len(s.ids) for s in seqs)
+    ids = torch.full((len(seqs), length), PAD, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s.ids)] = torch.tensor(s.ids)
+        mask[b, : len(s.ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, **recipe.text_inputs(ids), **recipe.image_inputs(list(images))}
+
+
+def _scene_sequence(scene: S.Scene, target: int, read: int, label: str, query: str, family: str) -> Sequence_:
+    """A scene-description sequence (no answer token) labelled with the colour ``label``, carrying the planted
+    heads' attention targets in ``.planted``."""
+    from .recipes import get_recipe
+
+    recipe = get_recipe(family)
+    seq = build_sequence(scene, [("scene", target)], with_answers=False, family=family)
+    seq.answers = [(seq.answers[0][0], TOKEN_TO_ID[label], query)]
+    seq.planted = scene_supervision(scene, target, read, recipe.image_block, recipe.first_image_pos)
+    return seq
+
+
+def symbolic_batch(rng: np.random.Generator, cfg: Any, iit_rows: int) -> tuple[dict[str, torch.Tensor], list[Sequence_],
+                                                                             dict[str, torch.Tensor], list[tuple[int, str, int]]]:
+    """(inputs, sequences, source inputs, plan): ``cfg.batch_size`` Shapes training sequences (drawn as the Shapes
+    task draws them; scene sequences carry the planted heads' targets), then ``iit_rows`` interchange rows per
+    stage. plan = [(row, stage, source row)]: that row's stage head output comes from that source row."""
+    from .recipes import get_recipe
+    from .sequences import BINDING_QUERIES
+
+    recipe = get_recipe(cfg.family)
+    seqs, images = [], []
+    for _ in range(cfg.batch_size):
+        scene = S.sample_scene(rng, cfg.layout, "train", cfg.n_objects)
+        if rng.random() < cfg.scene_fraction:
+            target = int(rng.integers(cfg.n_objects))
+            seq = build_sequence(scene, [("scene", target)], family=cfg.family)
+            seq.planted = scene_supervision(scene, target, target, recipe.image_block, recipe.first_image_pos)
+        else:
+            qs = rng.integers(len(BINDING_QUERIES), size=cfg.blocks_per_sequence)
+            ts = rng.integers(cfg.n_objects, size=cfg.blocks_per_sequence)
+            seq = build_sequence(scene, [(BINDING_QUERIES[q], int(t)) for q, t in zip(qs, ts)], family=cfg.family)
+        seqs.append(seq)
+        images.append(S.render(scene))
+    sources, source_images, plan = [], [], []
+    for stage in STAGES:
+        for _ in range(iit_rows):
+            base, source = (S.sample_scene(rng, cfg.layout, "train", cfg.n_objects) for _ in range(2))
+            bt, st = (int(t) for t in rng.integers(cfg.n_objects, size=2))
+            read = iit_label(stage, base, bt, source, st)
+            label = source.colours[st] if read < 0 else base.colours[read]
+            plan.append((len(seqs), stage, len(sources)))
+            seqs.append(_scene_sequence(base, bt, bt if read < 0 else read, label, f"iit_{stage}", cfg.family))
+            images.append(S.render(base))
+            sources.append(build_sequence(source, [("scene", st)], with_answers=False, family=cfg.family))
+            source_images.append(S.render(source))
+    src = _collate(sources, source_images, cfg.family) if sources else {}
+    return _collate(seqs, images, cfg.family), seqs, src, plan
+
+
+def _o_proj(model: Any, layer: int) -> torch.nn.Module:
+    return model.model.language_model.layers[layer].self_attn.o_proj
+
+
+def _head_slice(model: Any, head: int) -> slice:
+    text = model.config.text_config
+    d = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return slice(head * d, (head + 1) * d)
+
+
+@contextlib.contextmanager
+def interchange(model: Any, source: dict[str, torch.Tensor], plan: Sequence[tuple[int, str, int]],
+                image_block: Sequence[int]) -> Iterator[None]:
+    """Run ``source`` (no grad), then, inside the block, replace each planned row's stage head output (its slice of
+    o_proj's input) at the stage's rows by the source row's: ID retrieval at the described colour and shape words,
+    ID selection and feature retrieval at the final token. Scene sequences share their positions, so a source
+    position is the base position."""
+    pos = scene_positions(image_block)
+    rows = {"id_retrieval": [pos["colour"], pos["shape"]], "id_selection": [pos["final"]],
+            "feature_retrieval": [pos["final"]]}
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    try:
+        if plan:
+            for stage, (layer, _) in STAGES.items():
+                def grab(module, args, layer=layer):
+                    captured[layer] = args[0].detach()
+                handles.append(_o_proj(model, layer).register_forward_pre_hook(grab))
+            with torch.no_grad():
+                model(**source, use_cache=False)
+            for h in handles:
+                h.remove()
+            handles = []
+            for stage, (layer, head) in STAGES.items():
+                picks = [(b, p, s) for b, st, s in plan if st == stage for p in rows[stage]]
+                if not picks:
+                    continue
+                b_idx, p_idx, s_idx = (torch.tensor(v) for v in zip(*picks))
+                cols = _head_slice(model, head)
+
+                def patch(module, args, layer=layer, b_idx=b_idx, p_idx=p_idx, s_idx=s_idx, cols=cols):
+                    x = args[0].clone()
+                    x[b_idx, p_idx, cols] = captured[layer][s_idx, p_idx, cols].to(x.dtype)
+                    return (x,) + tuple(args[1:])
+                handles.append(_o_proj(model, layer).register_forward_pre_hook(patch))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class SymbolicHeadsTask(OrganismTask):
+    """``--task symbolic_heads``: fine-tune a trained Shapes organism with the three-stage position-ID circuit of
+    2506.15871 planted for the scene query (module docstring)."""
+
+    name = "symbolic_heads"
+    suffix = "_symbolic"
+    help = ("fine-tune --init-from with planted ID-retrieval / ID-selection / feature-retrieval heads (2506.15871) for "
+            "the scene query (hooked_vlm/organism/symbolic.py)")
+    defaults = dict(steps=1500, supervise_steps=0, init_from="shapes_llava", family="llava", lr=2e-3, warmup=50)
+    options = {"iit_rows": (int, 8, "interchange-intervention rows per planted stage and step"),
+               "head_weight": (float, 1.0, "weight of the planted heads' attention supervision")}
+
+    def __init__(self) -> None:
+        self._pending: Any = None  # (source inputs, plan) of the batch make_batch drew last
+
+    def check(self, cfg: Any) -> None:
+        super().check(cfg)
+        if cfg.layout != "fixed" or cfg.n_objects != 2:
+            raise ValueError("train_organism: task symbolic_heads plants image-slot position IDs; it needs --layout "
+                             f"fixed and --objects 2, got {cfg.layout!r} and {cfg.n_objects}")
+        if self.option(cfg, "iit_rows") < 0:
+            raise ValueError(f"train_organism: iit_rows (--iit-rows) must be >= 0, got {self.option(cfg, 'iit_rows')}")
+
+    def make_batch(self, rng: np.random.Generator, cfg: Any) -> tuple[dict[str, torch.Tensor], list[Any]]:
+        inputs, seqs, src, plan = symbolic_batch(rng, cfg, self.option(cfg, "iit_rows"))
+        self._pending = (src, plan)
+        return inputs, seqs
+
+    def wants_attentions(self, cfg: Any, step: int) -> bool:
+        return True
+
+    def forward_context(self, model: Any, cfg: Any, step: int):
+        from .recipes import get_recipe
+
+        if self._pending is None:
+            raise RuntimeError("symbolic_heads: forward_context needs the batch of make_batch (call it first)")
+        src, plan = self._pending
+        self._pending = None
+        return interchange(model, src, plan, get_recipe(cfg.family).image_block)
+
+    def extra_loss(self, out: Any, inputs: dict[str, torch.Tensor], seqs: list[Any], cfg: Any,
+                   step: int) -> dict[str, torch.Tensor]:
+        from .train import attention_loss
+
+        terms = []
+        for layer, head in STAGES.values():
+            targets = [(b, q, keys) for b, s in enumerate(seqs) for q, keys in getattr(s, "planted", {}).get((layer, head), [])]
+            if targets:
+                terms.append(attention_loss(out.attentions[layer][:, head], targets))
+        return {"heads": self.option(cfg, "head_weight") * sum(terms)} if terms else {}
+
+    def planted_circuit(self, cfg: Any) -> list[dict[str, Any]]:
+        from .sequences import PLANTED_HEADS
+
+        inherited = [dict(h, supervised_steps=0, inherited_from=str(cfg.init_from),
+                          note="supervised while training init_from, not here (binding queries)") for h in PLANTED_HEADS]
+        pos = "the described object's colour and shape words"
+        new = [
+            {"layer": ID_RETRIEVAL[0], "head": ID_RETRIEVAL[1], "role": "id_retrieval", "query_positions": pos,
+             "key_positions": "the described object's image patches", "supervised_steps": cfg.steps},
+            {"layer": ID_SELECTION[0], "head": ID_SELECTION[1], "role": "id_selection",
+             "query_positions": "the final token of the scene query", "key_positions": pos, "supervised_steps": cfg.steps},
+            {"layer": FEATURE_RETRIEVAL[0], "head": FEATURE_RETRIEVAL[1], "role": "feature_retrieval",
+             "query_positions": "the final token of the scene query",
+             "key_positions": "the image patches of the other (answer) object", "supervised_steps": cfg.steps},
+        ]
+        return inherited + new
+
+    def training_record(self, cfg: Any) -> dict[str, Any]:
+        import hashlib
+
+        from .train import init_checkpoint
+
+        record = {name: self.option(cfg, name) for name in self.options}
+        record["init_from"] = cfg.init_from
+        if cfg.init_from is not None:
+            record["init_from_sha256"] = hashlib.sha256(init_checkpoint(cfg.init_from).read_bytes()).hexdigest()
+            record["time_note"] = ("time_s is this fine-tune only; add init_from's training.time_s for the time from "
+                                   "scratch")
+        return record
+
+    def finish(self, spec: dict[str, Any], cfg: Any, processor: Any, out_dir: Any) -> None:
+        from .gate import accuracy_intervals
+
+        spec["note"] = ("The three-stage position-ID circuit is PLANTED (see planted_mechanism): ground truth for the "
+                        "2506.15871 detectors, not a finding about real VLMs.")
+        spec["planted_mechanism"] = PLANTED_MECHANISM
+        spec["ground_truth"] = {PAPER: {"expected": "present",
+                                        "effect": "ID-retrieval, ID-selection and feature-retrieval heads passing a "
+                                                  "position ID (L1H3, L2H3, L3H3)",
+                                        "why": "planted (planted_mechanism)"}}
+        spec["accuracy"]["wilson_95"] = accuracy_intervals(spec["accuracy"])
+        spec["symbolic_heads_measured"] = measure_saved(processor, out_dir)
+
+
+def measure_saved(processor: Any, path: Any, n: int = 256) -> dict[str, Any]:
+    """Planted-head attention masses, held-out interchange accuracies and the 2506.15871 detector on the checkpoint
+    just written to ``path`` (organism.json is not written yet)."""
+    from ..model import HookedVLM
+
+    model = HookedVLM.from_pretrained(str(path), processor=processor)
+    out = planted_report(model, n=n)
+    from hooked_vlm.analyses.effects.symbolic_heads import detect
+
+    out["detector_2506_15871"] = [f.to_dict() for f in detect(model)]
+    return out
+
+
+@torch.no_grad()
+def planted_report(model: Any, n: int = 256, seed: int = 70_000, split: str = "heldout") -> dict[str, Any]:
+    """On ``n`` scene prompts of ``split`` (a HookedVLM of a Shapes organism): each planted head's attention mass
+    on its targets, and each stage's interchange accuracy (the head's output at its rows taken from an
+    independent scene; share answering what the three-stage mechanism predicts), with 95% Wilson intervals."""
+    from hooked_vlm.analyses.tasks import encode
+    from hooked_vlm.analyses.toolkit import act_name, run_cached
+    from hooked_vlm.analyses.toolkit.stats import rate
+
+    gen = S.ShapesGenerator(seed)
+    base = gen.samples(n, "scene", split=split)
+    source = gen.samples(n, "scene", split=split)
+    b, s = encode(model.processor, base), encode(model.processor, source)
+    tok = model.processor.tokenizer
+    ids = b.inputs["input_ids"]
+    final = ids.shape[1] - 1  # scene prompts share one length: no padding
+    words = [final - (FINAL_AT - COLOUR_AT), final - (FINAL_AT - SHAPE_AT)]
+    image = model.layout(b.inputs).image_positions()[0].nonzero().flatten()
+    patches = lambda smp, i: image[smp.scene.object_patches(i)]  # noqa: E731
+    pattern_names = [act_name("pattern", l) for l, _ in STAGES.values()]
+    _, cache = run_cached(model, b.inputs, pattern_names)
+    mass: dict[str, list[float]] = {k: [] for k in STAGES}
+    for i, smp in enumerate(base):
+        described = smp.scene.partner(smp.target)
+        p = {k: cache[act_name("pattern", l)][i, h].float() for k, (l, h) in STAGES.items()}
+        mass["id_retrieval"] += [float(p["id_retrieval"][w, patches(smp, described)].sum()) for w in words]
+        mass["id_selection"].append(float(p["id_selection"][final, words].sum()))
+        mass["feature_retrieval"].append(float(p["feature_retrieval"][final, patches(smp, smp.target)].sum()))
+    out: dict[str, Any] = {"prompts": f"{n} scene prompts, split {split!r}, ShapesGenerator({seed}); sources: the next "
+                                      f"{n} samples of the same generator",
+                           "attention_mass": {k: round(float(np.mean(v)), 4) for k, v in mass.items()}}
+    rows = {"id_retrieval": words, "id_selection": [final], "feature_retrieval": [final]}
+    _, src_cache = run_cached(model, s.inputs, [act_name("z", l) for l, _ in STAGES.values()])
+    out["interchange_accuracy"] = {}
+    for stage, (layer, head) in STAGES.items():
+        labels = []
+        for smp, src in zip(base, source):
+            read = iit_label(stage, smp.scene, smp.target, src.scene, src.target)
+            labels.append(src.scene.colours[src.target] if read < 0 else smp.scene.colours[read])
+        want = torch.tensor(tok.convert_tokens_to_ids(labels))
+        z_src = src_cache[act_name("z", layer)]
+
+        def patch(z: torch.Tensor, hook: Any, head: int = head, pos: list[int] = rows[stage], z_src=z_src) -> torch.Tensor:
+            z = z.clone()
+            z[:, pos, head] = z_src[:, pos, head].to(z.dtype)
+            return z
+
+        with model.hooks(fwd_hooks=[(act_name("z", layer), patch)]):
+            logits = model(**b.inputs)
+        hits = (logits[:, -1].argmax(-1).cpu() == want).float()
+        changed = float(np.mean([lab != smp.answer for lab, smp in zip(labels, base)]))
+        out["interchange_accuracy"][stage] = dict(rate(hits).to_dict(), label_differs_from_clean_answer=round(changed, 4))
+    return out
+
+
+SYMBOLIC_HEADS = register_task(SymbolicHeadsTask())
