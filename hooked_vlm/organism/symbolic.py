@@ -133,6 +133,14 @@ def _scene_sequence(scene: S.Scene, target: int, read: int, label: str, query: s
     return seq
 
 
+def slot_targets(scene: S.Scene, target: int, read: int, patched: str | None = None) -> dict[tuple[int, int], int]:
+    """The position IDs the ID heads should write on a scene sequence (the auxiliary slot loss): ID retrieval the
+    described object's image slot, ID selection the slot of the object the feature-retrieval head should read;
+    none for the head whose output an interchange replaces."""
+    out = {ID_RETRIEVAL: scene.slots[scene.partner(target)], ID_SELECTION: scene.slots[read]}
+    return {k: v for k, v in out.items() if patched is None or k != STAGES[patched]}
+
+
 def symbolic_batch(rng: np.random.Generator, cfg: Any, iit_rows: int) -> tuple[dict[str, torch.Tensor], list[Sequence_],
                                                                              dict[str, torch.Tensor], list[tuple[int, str, int]]]:
     """(inputs, sequences, source inputs, plan): ``cfg.batch_size`` Shapes training sequences (drawn as the Shapes
@@ -149,6 +157,7 @@ def symbolic_batch(rng: np.random.Generator, cfg: Any, iit_rows: int) -> tuple[d
             target = int(rng.integers(cfg.n_objects))
             seq = build_sequence(scene, [("scene", target)], family=cfg.family)
             seq.planted = scene_supervision(scene, target, target, recipe.image_block, recipe.first_image_pos)
+            seq.slots = slot_targets(scene, target, target)
         else:
             qs = rng.integers(len(BINDING_QUERIES), size=cfg.blocks_per_sequence)
             ts = rng.integers(cfg.n_objects, size=cfg.blocks_per_sequence)
@@ -164,6 +173,7 @@ def symbolic_batch(rng: np.random.Generator, cfg: Any, iit_rows: int) -> tuple[d
             label = source.colours[st] if read < 0 else base.colours[read]
             plan.append((len(seqs), stage, len(sources)))
             seqs.append(_scene_sequence(base, bt, bt if read < 0 else read, label, f"iit_{stage}", cfg.family))
+            seqs[-1].slots = slot_targets(base, bt, bt if read < 0 else read, patched=stage)
             images.append(S.render(base))
             sources.append(build_sequence(source, [("scene", st)], with_answers=False, family=cfg.family))
             source_images.append(S.render(source))
@@ -232,10 +242,13 @@ class SymbolicHeadsTask(OrganismTask):
             "the scene query (hooked_vlm/organism/symbolic.py)")
     defaults = dict(steps=1500, supervise_steps=0, init_from="shapes_llava", family="llava", lr=2e-3, warmup=50)
     options = {"iit_rows": (int, 8, "interchange-intervention rows per planted stage and step"),
-               "head_weight": (float, 1.0, "weight of the planted heads' attention supervision")}
+               "head_weight": (float, 1.0, "weight of the planted heads' attention supervision"),
+               "slot_weight": (float, 1.0, "weight of the ID heads' auxiliary slot loss (a fixed readout of the "
+                                           "head's output must give the image slot)")}
 
     def __init__(self) -> None:
         self._pending: Any = None  # (source inputs, plan) of the batch make_batch drew last
+        self._z: dict[int, torch.Tensor] = {}  # o_proj inputs of the ID heads' layers in the training forward
 
     def check(self, cfg: Any) -> None:
         super().check(cfg)
@@ -260,7 +273,25 @@ class SymbolicHeadsTask(OrganismTask):
             raise RuntimeError("symbolic_heads: forward_context needs the batch of make_batch (call it first)")
         src, plan = self._pending
         self._pending = None
-        return interchange(model, src, plan, get_recipe(cfg.family).image_block)
+        return self._context(model, src, plan, get_recipe(cfg.family).image_block)
+
+    @contextlib.contextmanager
+    def _context(self, model: Any, src: dict[str, torch.Tensor], plan: Any, block: Sequence[int]) -> Iterator[None]:
+        """The interchange, plus grab hooks (registered first, so they see the unpatched head outputs) keeping the
+        ID heads' layers' o_proj inputs of the training forward for the slot loss."""
+        self._z = {}
+        handles = []
+        try:
+            for layer, _ in (ID_RETRIEVAL, ID_SELECTION):
+                def grab(module, args, layer=layer):
+                    self._z[layer] = args[0]
+                handles.append(_o_proj(model, layer).register_forward_pre_hook(grab))
+            self._slice = {h: _head_slice(model, h) for _, h in (ID_RETRIEVAL, ID_SELECTION)}
+            with interchange(model, src, plan, block):
+                yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def extra_loss(self, out: Any, inputs: dict[str, torch.Tensor], seqs: list[Any], cfg: Any,
                    step: int) -> dict[str, torch.Tensor]:
@@ -271,7 +302,34 @@ class SymbolicHeadsTask(OrganismTask):
             targets = [(b, q, keys) for b, s in enumerate(seqs) for q, keys in getattr(s, "planted", {}).get((layer, head), [])]
             if targets:
                 terms.append(attention_loss(out.attentions[layer][:, head], targets))
-        return {"heads": self.option(cfg, "head_weight") * sum(terms)} if terms else {}
+        out = {"heads": self.option(cfg, "head_weight") * sum(terms)} if terms else {}
+        slot = self.slot_loss(seqs, cfg)
+        if slot is not None:
+            out["slot"] = self.option(cfg, "slot_weight") * slot
+        self._z = {}
+        return out
+
+    def slot_loss(self, seqs: list[Any], cfg: Any) -> torch.Tensor | None:
+        """Binary cross-entropy of the image slot read off each ID head's output (its o_proj input slice) along a
+        fixed direction (all ones / sqrt(d_head)): ID retrieval at the described words, ID selection at the final
+        token, on every scene row whose head is not interchanged."""
+        from .recipes import get_recipe
+
+        if not self._z:
+            return None
+        pos = scene_positions(get_recipe(cfg.family).image_block)
+        rows = {ID_RETRIEVAL: [pos["colour"], pos["shape"]], ID_SELECTION: [pos["final"]]}
+        logits, labels = [], []
+        for head in (ID_RETRIEVAL, ID_SELECTION):
+            z = self._z[head[0]][..., self._slice[head[1]]]
+            for b, s in enumerate(seqs):
+                if head in getattr(s, "slots", {}):
+                    for p in rows[head]:
+                        logits.append(z[b, p].sum() / z.shape[-1] ** 0.5)
+                        labels.append(float(s.slots[head]))
+        if not logits:
+            return None
+        return torch.nn.functional.binary_cross_entropy_with_logits(torch.stack(logits), torch.tensor(labels))
 
     def planted_circuit(self, cfg: Any) -> list[dict[str, Any]]:
         from .sequences import PLANTED_HEADS
