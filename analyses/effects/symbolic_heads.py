@@ -26,7 +26,7 @@ Findings (larger = more effect; detected = the interval clears its control, anal
 4. Intervention: the top ID-selection head (final-token score on the swapped-positions pairs of A, k = 1) gets
    alpha * (d_t - d_o) added at the final token, d_t / d_o = its mean output when the answer object sits in
    image slot 1 / slot 0 (A); judged on B's prompts whose answer object is in slot 0: share now answering the
-   colour of the object in slot 1 (analyses/heads.py `intervention_protocol`, alpha = 1, Wilson) against 20
+   colour of the object in slot 1 (analyses/heads.py `intervention_protocol`, alpha = 1, Wilson) against 32
    draws of one random head (t interval over the draws).
 
 Prompts are two-object scenes in the fixed layout (one object per 32x32 slot), ``split`` of the Shapes
@@ -188,7 +188,7 @@ def _slot_conditions(model: "HookedVLM", n: int, seed: int, split: str) -> tuple
     return encode(model.processor, other), encode(model.processor, target)
 
 
-def detect(model: "HookedVLM", *, n: int = 64, seed: int = 0, split: str = "train", n_random: int = 20) -> list[Finding]:
+def detect(model: "HookedVLM", *, n: int = 64, seed: int = 0, split: str = "train", n_random: int = 32) -> list[Finding]:
     """The 2506.15871 protocol on a Shapes organism (module docstring): four Findings, each on ``n`` prompts of a
     held-out split B, heads chosen on split A."""
     from hooked_vlm.analyses.heads import intervention_protocol

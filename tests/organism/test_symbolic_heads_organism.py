@@ -89,3 +89,53 @@ def test_interchange_patches_exactly_the_planned_rows():
                                          self_plan, block):
         again = model(**base_only).logits
     torch.testing.assert_close(again, plain[2:], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- shipped effect
+POSITIVE, NEGATIVE = "shapes_llava_symbolic", "shapes_llava"
+
+
+@pytest.fixture(scope="module")
+def planted():
+    from hooked_vlm.organism.symbolic import planted_report
+
+    return {name: planted_report(load_organism(name), n=64) for name in (POSITIVE, NEGATIVE)}
+
+
+def test_planted_heads_attend_and_carry_the_mechanism(planted):
+    d = planted[POSITIVE]
+    assert min(d["attention_mass"].values()) >= 0.9, d["attention_mass"]
+    for stage, acc in d["interchange_accuracy"].items():  # an independent scene's head output steers the answer
+        assert acc["ci_low"] >= 0.85, (stage, acc)
+
+
+def test_negative_has_no_position_ids_to_interchange(planted):
+    d = planted[NEGATIVE]
+    for stage in ("id_retrieval", "id_selection"):  # half of the IIT labels equal the clean answer: chance is ~0.5
+        assert d["interchange_accuracy"][stage]["ci_high"] < 0.7, d["interchange_accuracy"][stage]
+
+
+def test_shipped_symbolic_record_says_what_was_planted():
+    record = organism_record(POSITIVE)
+    assert record["family"] == "llava" and record["training"]["task"] == "symbolic_heads"
+    assert record["training"]["init_from"] == NEGATIVE and len(record["training"]["init_from_sha256"]) == 64
+    assert record["ground_truth"]["2506.15871"]["expected"] == "present"
+    assert organism_record(NEGATIVE)["ground_truth"]["2506.15871"]["expected"] == "absent"
+    assert {h["role"] for h in record["planted_circuit"]} >= {"id_retrieval", "id_selection", "feature_retrieval"}
+    from hooked_vlm.organism import shipped_organisms
+
+    assert POSITIVE in shipped_organisms(kind="effect") and NEGATIVE not in shipped_organisms(kind="effect")
+
+
+@pytest.mark.slow
+def test_detector_says_yes_on_the_positive_and_no_on_the_negative():
+    from hooked_vlm.analyses.effects import symbolic_heads
+
+    pos = symbolic_heads.detect(load_organism(POSITIVE))
+    neg = symbolic_heads.detect(load_organism(NEGATIVE))
+    assert len(pos) == len(neg) == 4
+    assert all(f.detected for f in pos), [f.to_dict() for f in pos]
+    assert not any(f.detected for f in neg), [f.to_dict() for f in neg if f.detected]
+    heads = [f.detail.get("top_head", f.detail.get("head")) for f in pos[:3]] + pos[3].detail["heads"]
+    assert heads == ["L1H3", "L2H3", "L3H3", "L2H3"], heads  # the planted heads, each found by its own preset
+    assert pos[3].estimate >= 0.8 and pos[3].detail["random"]["value"] <= 0.1, pos[3].to_dict()
