@@ -23,7 +23,11 @@ How it is planted (fine-tuning a trained Shapes organism, by default the shipped
    feature retrieval -> the source's answer colour. Because the source's content is unrelated to the base scene,
    only a content-free position ID (resp. the retrieved colour) can carry the answer: the mechanism, not only the
    attention pattern, is planted.
-3. The Shapes task's own sequences keep training alongside (answer cross-entropy, no other supervision), so the
+3. An auxiliary slot loss: the image slot must be readable (binary cross-entropy) off L1H3's output at the
+   described words and off L2H3's at the final token along a fixed direction (ones / sqrt(d_head)), weight
+   ``slot_weight``. Without it the three heads' composition sat at chance on the interchange rows for 500+ steps
+   (each head's gradient needs the others' output); with it the interchange rows reach 1.00 by step ~350.
+4. The Shapes task's own sequences keep training alongside (answer cross-entropy, no other supervision), so the
    binding queries stay solved.
 
 The shipped model runs with plain attention: no hook, no mask. `analyses/effects/symbolic_heads.py` is the
@@ -38,7 +42,7 @@ import numpy as np
 import torch
 
 from . import shapes as S
-from .processing import PAD, TOKEN_TO_ID, encode_words
+from .processing import PAD, TOKEN_TO_ID
 from .sequences import Sequence_, build_sequence
 from .task_api import OrganismTask, register_task
 
@@ -62,10 +66,26 @@ PLANTED_MECHANISM = {
         "output (its slice of o_proj's input) at its rows is taken from an independent source scene; label = "
         "ID retrieval: the base colour in the slot opposite the source's described object; ID selection: the base "
         "colour in the source's selected (answer) slot; feature retrieval: the source's answer colour",
+        "auxiliary slot loss (weight training.slot_weight, every step): the image slot must be readable off L1H3's "
+        "output at the described words (the described object's slot) and L2H3's at the final token (the slot to "
+        "read) along a fixed direction (auxiliary_slot_loss)",
         "the Shapes task's sequences keep training alongside (answer cross-entropy only)",
         "the shipped model runs with plain attention: no hook, no mask at inference",
     ],
-    "heads": {"id_retrieval": "L1H3", "id_selection": "L2H3", "feature_retrieval": "L3H3"},
+    "heads": [
+        {"layer": 1, "head": 3, "role": "id_retrieval", "query_positions": "the described object's colour and shape "
+         "words of the scene query", "key_positions": "the described object's image patches",
+         "writes": "the described object's image slot (position ID)"},
+        {"layer": 2, "head": 3, "role": "id_selection", "query_positions": "the final token of the scene query",
+         "key_positions": "the described object's colour and shape words", "writes": "the other object's image slot"},
+        {"layer": 3, "head": 3, "role": "feature_retrieval", "query_positions": "the final token of the scene query",
+         "key_positions": "the image patches of the object in that slot (the answer object)", "writes": "its colour"},
+    ],
+    "auxiliary_slot_loss": "weight training.slot_weight, every step: binary cross-entropy of the image slot read off "
+                           "the ID head's output (its o_proj input slice, 16 dims) along the fixed direction "
+                           "ones/sqrt(16): L1H3 at the described words -> the described object's slot, L2H3 at the "
+                           "final token -> the slot of the object to read; on every scene row whose head is not "
+                           "interchanged (without it the three-head composition sat at chance for 500+ steps)",
 }
 
 
@@ -332,21 +352,12 @@ class SymbolicHeadsTask(OrganismTask):
         return torch.nn.functional.binary_cross_entropy_with_logits(torch.stack(logits), torch.tensor(labels))
 
     def planted_circuit(self, cfg: Any) -> list[dict[str, Any]]:
+        """The binding-query heads inherited from init_from (what bench-circuits checks on shape / colour queries);
+        the symbolic heads planted here are in planted_mechanism["heads"] (scene query only)."""
         from .sequences import PLANTED_HEADS
 
-        inherited = [dict(h, supervised_steps=0, inherited_from=str(cfg.init_from),
-                          note="supervised while training init_from, not here (binding queries)") for h in PLANTED_HEADS]
-        pos = "the described object's colour and shape words"
-        new = [
-            {"layer": ID_RETRIEVAL[0], "head": ID_RETRIEVAL[1], "role": "id_retrieval", "query_positions": pos,
-             "key_positions": "the described object's image patches", "supervised_steps": cfg.steps},
-            {"layer": ID_SELECTION[0], "head": ID_SELECTION[1], "role": "id_selection",
-             "query_positions": "the final token of the scene query", "key_positions": pos, "supervised_steps": cfg.steps},
-            {"layer": FEATURE_RETRIEVAL[0], "head": FEATURE_RETRIEVAL[1], "role": "feature_retrieval",
-             "query_positions": "the final token of the scene query",
-             "key_positions": "the image patches of the other (answer) object", "supervised_steps": cfg.steps},
-        ]
-        return inherited + new
+        return [dict(h, supervised_steps=0, inherited_from=str(cfg.init_from),
+                     note="supervised while training init_from, not here (binding queries)") for h in PLANTED_HEADS]
 
     def training_record(self, cfg: Any) -> dict[str, Any]:
         import hashlib
@@ -372,104 +383,9 @@ class SymbolicHeadsTask(OrganismTask):
                                                   "position ID (L1H3, L2H3, L3H3)",
                                         "why": "planted (planted_mechanism)"}}
         spec["accuracy"]["wilson_95"] = accuracy_intervals(spec["accuracy"])
+        from .symbolic_measure import measure_saved
+
         spec["symbolic_heads_measured"] = measure_saved(processor, out_dir)
-
-
-def measure_saved(processor: Any, path: Any, n: int = 256) -> dict[str, Any]:
-    """Planted-head attention masses, held-out interchange accuracies and the 2506.15871 detector on the checkpoint
-    just written to ``path`` (organism.json is not written yet)."""
-    from ..model import HookedVLM
-
-    model = HookedVLM.from_pretrained(str(path), processor=processor)
-    out = planted_report(model, n=n)
-    from hooked_vlm.analyses.effects.symbolic_heads import detect
-
-    out["detector_2506_15871"] = [f.to_dict() for f in detect(model)]
-    return out
-
-
-@torch.no_grad()
-def planted_report(model: Any, n: int = 256, seed: int = 70_000, split: str = "heldout") -> dict[str, Any]:
-    """On ``n`` scene prompts of ``split`` (a HookedVLM of a Shapes organism): each planted head's attention mass
-    on its targets, and each stage's interchange accuracy (the head's output at its rows taken from an
-    independent scene; share answering what the three-stage mechanism predicts), with 95% Wilson intervals."""
-    from hooked_vlm.analyses.tasks import encode
-    from hooked_vlm.analyses.toolkit import act_name, run_cached
-    from hooked_vlm.analyses.toolkit.stats import rate
-
-    gen = S.ShapesGenerator(seed)
-    base = gen.samples(n, "scene", split=split)
-    source = gen.samples(n, "scene", split=split)
-    b, s = encode(model.processor, base), encode(model.processor, source)
-    tok = model.processor.tokenizer
-    ids = b.inputs["input_ids"]
-    final = ids.shape[1] - 1  # scene prompts share one length: no padding
-    words = [final - (FINAL_AT - COLOUR_AT), final - (FINAL_AT - SHAPE_AT)]
-    image = model.layout(b.inputs).image_positions()[0].nonzero().flatten()
-    patches = lambda smp, i: image[smp.scene.object_patches(i)]  # noqa: E731
-    pattern_names = [act_name("pattern", l) for l, _ in STAGES.values()]
-    _, cache = run_cached(model, b.inputs, pattern_names)
-    mass: dict[str, list[float]] = {k: [] for k in STAGES}
-    for i, smp in enumerate(base):
-        described = smp.scene.partner(smp.target)
-        p = {k: cache[act_name("pattern", l)][i, h].float() for k, (l, h) in STAGES.items()}
-        mass["id_retrieval"] += [float(p["id_retrieval"][w, patches(smp, described)].sum()) for w in words]
-        mass["id_selection"].append(float(p["id_selection"][final, words].sum()))
-        mass["feature_retrieval"].append(float(p["feature_retrieval"][final, patches(smp, smp.target)].sum()))
-    out: dict[str, Any] = {"prompts": f"{n} scene prompts, split {split!r}, ShapesGenerator({seed}); sources: the next "
-                                      f"{n} samples of the same generator",
-                           "attention_mass": {k: round(float(np.mean(v)), 4) for k, v in mass.items()}}
-    rows = {"id_retrieval": words, "id_selection": [final], "feature_retrieval": [final]}
-    _, src_cache = run_cached(model, s.inputs, [act_name("z", l) for l, _ in STAGES.values()])
-    out["interchange_accuracy"] = {}
-    for stage, (layer, head) in STAGES.items():
-        labels = []
-        for smp, src in zip(base, source):
-            read = iit_label(stage, smp.scene, smp.target, src.scene, src.target)
-            labels.append(src.scene.colours[src.target] if read < 0 else smp.scene.colours[read])
-        want = torch.tensor(tok.convert_tokens_to_ids(labels))
-        z_src = src_cache[act_name("z", layer)]
-
-        def patch(z: torch.Tensor, hook: Any, head: int = head, pos: list[int] = rows[stage], z_src=z_src) -> torch.Tensor:
-            z = z.clone()
-            z[:, pos, head] = z_src[:, pos, head].to(z.dtype)
-            return z
-
-        with model.hooks(fwd_hooks=[(act_name("z", layer), patch)]):
-            logits = model(**b.inputs)
-        hits = (logits[:, -1].argmax(-1).cpu() == want).float()
-        changed = float(np.mean([lab != smp.answer for lab, smp in zip(labels, base)]))
-        out["interchange_accuracy"][stage] = dict(rate(hits).to_dict(), label_differs_from_clean_answer=round(changed, 4))
-    # does the ID-retrieval counterfactual change what the feature-retrieval head reads? L1H3's output at the
-    # described words comes from the positions-swapped twin; share of prompts whose L3H3 then attends more to the
-    # described object's patches than to the answer object's (1 = it follows the position ID)
-    twins = encode(model.processor, [S.make_sample(S.counterfactual_scene(smp.scene, "swap_positions", smp.target),
-                                                   "scene", smp.target) for smp in base])
-    (rl, rh), (fl, fh) = ID_RETRIEVAL, FEATURE_RETRIEVAL
-    _, twin_cache = run_cached(model, twins.inputs, [act_name("z", rl)])
-    grabbed: dict[str, torch.Tensor] = {}
-
-    def swap_z(z: torch.Tensor, hook: Any) -> torch.Tensor:
-        z = z.clone()
-        z[:, words, rh] = twin_cache[act_name("z", rl)][:, words, rh].to(z.dtype)
-        return z
-
-    def keep(p: torch.Tensor, hook: Any) -> None:
-        grabbed["p"] = p[:, fh, final].detach().float()
-
-    moved = []
-    for hooks in ([], [(act_name("z", rl), swap_z)]):
-        with model.hooks(fwd_hooks=hooks + [(act_name("pattern", fl), keep)]):
-            model(**b.inputs)
-        moved.append([float(grabbed["p"][i, patches(smp, smp.scene.partner(smp.target))].sum())
-                      > float(grabbed["p"][i, patches(smp, smp.target)].sum()) for i, smp in enumerate(base)])
-    out["feature_read_follows_id_retrieval"] = {
-        "clean": rate(np.array(moved[0], dtype=float)).to_dict(),
-        "l1h3_from_positions_swapped_twin": rate(np.array(moved[1], dtype=float)).to_dict(),
-        "note": "share of prompts whose feature-retrieval head (L3H3) attends more to the described object than to "
-                "the answer object, clean and with only the ID-retrieval head's output at the described words taken "
-                "from the run with the objects' positions swapped (same content)"}
-    return out
 
 
 SYMBOLIC_HEADS = register_task(SymbolicHeadsTask())

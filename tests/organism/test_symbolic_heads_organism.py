@@ -97,7 +97,7 @@ POSITIVE, NEGATIVE = "shapes_llava_symbolic", "shapes_llava"
 
 @pytest.fixture(scope="module")
 def planted():
-    from hooked_vlm.organism.symbolic import planted_report
+    from hooked_vlm.organism.symbolic_measure import planted_report
 
     return {name: planted_report(load_organism(name), n=64) for name in (POSITIVE, NEGATIVE)}
 
@@ -121,7 +121,9 @@ def test_shipped_symbolic_record_says_what_was_planted():
     assert record["training"]["init_from"] == NEGATIVE and len(record["training"]["init_from_sha256"]) == 64
     assert record["ground_truth"]["2506.15871"]["expected"] == "present"
     assert organism_record(NEGATIVE)["ground_truth"]["2506.15871"]["expected"] == "absent"
-    assert {h["role"] for h in record["planted_circuit"]} >= {"id_retrieval", "id_selection", "feature_retrieval"}
+    roles = {(h["layer"], h["head"]): h["role"] for h in record["planted_mechanism"]["heads"]}
+    assert roles == {(1, 3): "id_retrieval", (2, 3): "id_selection", (3, 3): "feature_retrieval"}
+    assert [h["role"] for h in record["planted_circuit"]] == ["gather", "image_lookup", "retrieval"]  # inherited
     from hooked_vlm.organism import shipped_organisms
 
     assert POSITIVE in shipped_organisms(kind="effect") and NEGATIVE not in shipped_organisms(kind="effect")
