@@ -141,3 +141,16 @@ def test_detector_says_yes_on_the_positive_and_no_on_the_negative():
     heads = [f.detail.get("top_head", f.detail.get("head")) for f in pos[:3]] + pos[3].detail["heads"]
     assert heads == ["L1H3", "L2H3", "L3H3", "L2H3"], heads  # the planted heads, each found by its own preset
     assert pos[3].estimate >= 0.8 and pos[3].detail["random"]["value"] <= 0.1, pos[3].to_dict()
+
+
+def test_detector_verdicts_at_small_n():
+    # the fast version of the test above: 24 pairs per split, 8 random-head draws (~1 s per organism)
+    from hooked_vlm.analyses.effects import symbolic_heads
+
+    pos = symbolic_heads.detect(load_organism(POSITIVE), n=24, n_random=8)
+    neg = symbolic_heads.detect(load_organism(NEGATIVE), n=24, n_random=8)
+    assert [f.detected for f in pos] == [True] * 4, [f.to_dict() for f in pos]
+    assert [f.detected for f in neg] == [False] * 4, [f.to_dict() for f in neg]
+    assert [pos[0].detail["top_head"], pos[1].detail["top_head"], pos[2].detail["head"]] == ["L1H3", "L2H3", "L3H3"]
+    # the negative's honest reasons: ID scores ~0 of the clean margin, no answer switched by the intervention
+    assert max(abs(neg[0].estimate), abs(neg[1].estimate)) < 0.02 and neg[3].estimate == 0.0
