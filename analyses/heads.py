@@ -229,7 +229,8 @@ def intervention_protocol(
                 head's mean output (hook_z) at the final token on the target / other prompts.
     evaluate:   (other prompts, target answers) of the EVALUATION split: alpha * (d_t - d_o) is added to the heads'
                 outputs at the final token; efficacy = share of prompts now giving the target answer.
-    Control: `n_random` draws of k random heads, each with its own d_t / d_o, at every alpha."""
+    Control: `n_random` draws of k random heads other than the chosen ones, each with its own d_t / d_o, at every
+    alpha."""
     clean_s, cf_s, metric = select
     other_s, target_s = conditions
     other_e, answer = evaluate
@@ -253,8 +254,12 @@ def intervention_protocol(
     chosen = efficacy_of(top)
     gen = torch.Generator().manual_seed(seed)
     draws: dict[float, list[float]] = {float(a): [] for a in alphas}
+    # random heads come from the heads NOT chosen: a draw that hits a chosen head measures the chosen heads again
+    pool = torch.tensor([i for i in range(model.cfg.n_layers * n_h) if (i // n_h, i % n_h) not in set(top)])
+    if len(pool) < k:
+        raise ValueError(f"k: the random control needs {k} heads outside the chosen {k}, the model has {len(pool)}")
     for _ in range(n_random):
-        idx = torch.randperm(model.cfg.n_layers * n_h, generator=gen)[:k]
+        idx = pool[torch.randperm(len(pool), generator=gen)[:k]]
         for a, v in efficacy_of([(int(i) // n_h, int(i) % n_h) for i in idx]).items():
             draws[a].append(float(v.mean()))
     return InterventionResult(top, sorted({l for l, _ in top}), stability, {a: rate(v) for a, v in chosen.items()},

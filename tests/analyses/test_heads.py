@@ -231,10 +231,16 @@ def test_organism_retrieval_head_carries_the_item(organism):
         assert intervene_heads(model, ev.inputs, heads, 1.0, d_t, d_o, fin(ev), metric=to_a).mean() == expected
 
 
-def test_intervention_protocol_held_out_split_and_identities():
+def test_intervention_protocol_held_out_split_and_identities(monkeypatch):
     """alpha * (d_t - d_o) on the top-k heads of a selection split, judged on another split against random heads:
-    with identical conditions d_t - d_o = 0 and the intervention is the identity at every alpha."""
+    with identical conditions d_t - d_o = 0 and the intervention is the identity at every alpha; the random draws
+    never include a chosen head."""
+    from hooked_vlm.analyses import heads as H
     from hooked_vlm.analyses.heads import intervention_protocol
+
+    asked: list[list] = []
+    real = H.mean_head_outputs
+    monkeypatch.setattr(H, "mean_head_outputs", lambda m, x, heads, *a, **kw: asked.append(list(heads)) or real(m, x, heads, *a, **kw))
     from hooked_vlm.analyses.metrics import final_logits
     from hooked_vlm.analyses.tasks import encode
     from hooked_vlm.organism import ShapesGenerator, load_organism
@@ -255,3 +261,5 @@ def test_intervention_protocol_held_out_split_and_identities():
     assert res.heads == [(2, 0), (1, 0)] and res.layers == [1, 2]  # the planted retrieval and lookup heads
     assert res.stability.in_top_k[2 * model.cfg.n_heads] == 1.0  # L2H0 in the top 2 in every resample
     assert [r["alpha"] for r in res.rows()] == [1.0, 8.0]
+    draws = asked[2:]  # d_t and d_o of the chosen heads first, then two per random draw
+    assert len(draws) == 6 and all(len(d) == 2 and not set(d) & set(res.heads) for d in draws)
