@@ -245,3 +245,12 @@ def detect(model: "HookedVLM", *, n: int = 64, seed: int = 0, split: str = "trai
                 "random": ctl.to_dict(), "random_sd": ctl.sd,
                 "per_alpha": [{k: (v if k == "alpha" else dict(v)) for k, v in row.items()} for row in res.rows()]}))
     return findings
+
+
+def record(model: "HookedVLM", *, n: int = 64, seed: int = 0) -> dict[str, Any]:
+    """The full measurement for organism.json (`hooked-vlm bench-effects --write-record`): the planted heads' attention
+    masses and held-out interchange accuracies (analyses/effects/symbolic_record.py, 256 scene prompts) on a Shapes
+    organism with the symbolic-heads stages, and the Findings with their details."""
+    from .symbolic_record import planted_report
+
+    return {"planted_heads": planted_report(model), "findings": [f.to_dict() for f in detect(model, n=n, seed=seed)]}

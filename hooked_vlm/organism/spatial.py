@@ -215,7 +215,9 @@ class SpatialTask(OrganismTask):
     def finish(self, spec: dict[str, Any], cfg: Any, processor: Any, out_dir: Any) -> None:
         spec["note"] = ("The spatial binding is PLANTED (see planted_mechanism): ground truth for the 2603.22278 "
                         "detectors, not a finding about real VLMs. The question 'In this image the object is' asks "
-                        "for the LEFT object's colour (the vocabulary has no word 'left').")
+                        "for the LEFT object's colour (the vocabulary has no word 'left'). The detectors' numbers "
+                        "(effect_detectors) are written by `hooked-vlm bench-effects --model <this directory> "
+                        "--write-record`.")
         spec["planted_mechanism"] = PLANTED_MECHANISM
         spec["findings"] = [
             "L1H0 was supervised onto the left object's tokens only during the first supervised_steps steps; the "
@@ -232,7 +234,6 @@ class SpatialTask(OrganismTask):
         spec["task"]["training_sequence"] = (f"<bos> <image>x16 {QUESTION} <colour of the left object>; image "
                                              "tokens shuffled (training only)")
         spec["task"].pop("context", None)
-        spec["spatial_binding_detector"] = measure_saved(processor, out_dir)
 
 
 def order_direction(d: int) -> torch.Tensor:
@@ -264,8 +265,7 @@ def order_loss(tokens: torch.Tensor, scenes: Sequence[S.Scene]) -> torch.Tensor:
 def spatial_accuracy(model: Any, processor: Any, n: int = 1024, seed: int = 77_000) -> dict[str, Any]:
     """Accuracy (full-vocabulary argmax) of the spatial question on held-out and training-distribution scenes, with
     95% Wilson intervals."""
-    from hooked_vlm.analyses.toolkit.stats import rate
-
+    from .gate import wilson
     from .measure import predict
 
     out: dict[str, Any] = {"n_per_split": n}
@@ -274,20 +274,9 @@ def spatial_accuracy(model: Any, processor: Any, n: int = 1024, seed: int = 77_0
         for split, key, s in (("heldout", "heldout_combinations", seed), ("train", "training_distribution", seed + 1)):
             samples = spatial_samples(n, s, split)
             hits = [p == x.answer for p, x in zip(predict(model, processor, samples), samples)]
-            e = rate(np.asarray(hits, dtype=float))
-            out[key] = {"spatial_left": round(e.value, 4), "wilson_95": [round(e.ci_low, 4), round(e.ci_high, 4)]}
+            low, high = wilson(sum(hits), len(hits))
+            out[key] = {"spatial_left": round(float(np.mean(hits)), 4), "wilson_95": [round(low, 4), round(high, 4)]}
     return out
-
-
-def measure_saved(processor: Any, path: Any, n: int | None = None) -> list[dict[str, Any]]:
-    """The 2603.22278 detector on the checkpoint just written to ``path`` (organism.json is not written yet)."""
-    from hooked_vlm.analyses.effects import spatial_binding
-
-    from ..model import HookedVLM
-
-    model = HookedVLM.from_pretrained(str(path), processor=processor)
-    kwargs = {} if n is None else {"n": n}
-    return [f.to_dict() for f in spatial_binding.detect(model, **kwargs)]
 
 
 SPATIAL = register_task(SpatialTask())

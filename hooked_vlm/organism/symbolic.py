@@ -376,16 +376,15 @@ class SymbolicHeadsTask(OrganismTask):
         from .gate import accuracy_intervals
 
         spec["note"] = ("The three-stage position-ID circuit is PLANTED (see planted_mechanism): ground truth for the "
-                        "2506.15871 detectors, not a finding about real VLMs.")
+                        "2506.15871 detectors, not a finding about real VLMs. The measurements of the planted heads and "
+                        "the detectors' numbers (effect_detectors) are written by `hooked-vlm bench-effects --model "
+                        "<this directory> --n 64 --write-record`.")
         spec["planted_mechanism"] = PLANTED_MECHANISM
         spec["ground_truth"] = {PAPER: {"expected": "present",
                                         "effect": "ID-retrieval, ID-selection and feature-retrieval heads passing a "
                                                   "position ID (L1H3, L2H3, L3H3)",
                                         "why": "planted (planted_mechanism)"}}
         spec["accuracy"]["wilson_95"] = accuracy_intervals(spec["accuracy"])
-        from .symbolic_measure import measure_saved
-
-        spec["symbolic_heads_measured"] = measure_saved(processor, out_dir)
 
 
 SYMBOLIC_HEADS = register_task(SymbolicHeadsTask())

@@ -97,7 +97,7 @@ POSITIVE, NEGATIVE = "shapes_llava_symbolic", "shapes_llava"
 
 @pytest.fixture(scope="module")
 def planted():
-    from hooked_vlm.organism.symbolic_measure import planted_report
+    from hooked_vlm.analyses.effects.symbolic_record import planted_report
 
     return {name: planted_report(load_organism(name), n=64) for name in (POSITIVE, NEGATIVE)}
 

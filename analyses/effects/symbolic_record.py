@@ -1,6 +1,7 @@
-"""Measurements of the symbolic-heads organism (hooked_vlm/organism/symbolic.py) that organism.json records: the
-planted heads' attention masses, held-out interchange accuracies, whether the ID-retrieval counterfactual moves the
-feature-retrieval head's read, and the 2506.15871 detector (analyses/effects/symbolic_heads.py)."""
+"""Measurements of the symbolic-heads organism (hooked_vlm/organism/symbolic.py) that its organism.json records
+(`hooked-vlm bench-effects --write-record`, through analyses/effects/symbolic_heads.py `record`): the planted heads'
+attention masses, held-out interchange accuracies and whether the ID-retrieval counterfactual moves the
+feature-retrieval head's read. Here, not in the organism package: the training package never imports the analyses."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,21 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import shapes as S
-from .symbolic import COLOUR_AT, FEATURE_RETRIEVAL, FINAL_AT, ID_RETRIEVAL, SHAPE_AT, STAGES, iit_label
+from ..tasks import encode
+from ..toolkit import act_name, run_cached
+from ..toolkit.stats import rate
 
-
-def measure_saved(processor: Any, path: Any, n: int = 256) -> dict[str, Any]:
-    """Planted-head attention masses, held-out interchange accuracies and the 2506.15871 detector on the checkpoint
-    just written to ``path`` (organism.json is not written yet)."""
-    from ..model import HookedVLM
-
-    model = HookedVLM.from_pretrained(str(path), processor=processor)
-    out = planted_report(model, n=n)
-    from hooked_vlm.analyses.effects.symbolic_heads import detect
-
-    out["detector_2506_15871"] = [f.to_dict() for f in detect(model)]
-    return out
+from hooked_vlm.organism import shapes as S
+from hooked_vlm.organism.symbolic import COLOUR_AT, FEATURE_RETRIEVAL, FINAL_AT, ID_RETRIEVAL, SHAPE_AT, STAGES, iit_label
 
 
 @torch.no_grad()
@@ -30,9 +22,6 @@ def planted_report(model: Any, n: int = 256, seed: int = 70_000, split: str = "h
     """On ``n`` scene prompts of ``split`` (a HookedVLM of a Shapes organism): each planted head's attention mass
     on its targets, and each stage's interchange accuracy (the head's output at its rows taken from an
     independent scene; share answering what the three-stage mechanism predicts), with 95% Wilson intervals."""
-    from hooked_vlm.analyses.tasks import encode
-    from hooked_vlm.analyses.toolkit import act_name, run_cached
-    from hooked_vlm.analyses.toolkit.stats import rate
 
     gen = S.ShapesGenerator(seed)
     base = gen.samples(n, "scene", split=split)
