@@ -128,17 +128,9 @@ def scene_supervision(scene: S.Scene, target: int, read: int, image_block: Seque
 
 
 def _collate(seqs: Sequence[Sequence_], images: Sequence[Any], family: str) -> dict[str, torch.Tensor]:
-    """Right-padded model inputs for training sequences (as the trainer's shapes_batch builds them)."""
-    from .recipes import get_recipe
+    from .train import collate
 
-    recipe = get_recipe(family)
-    length = max(len(s.ids) for s in seqs)
-    ids = torch.full((len(seqs), length), PAD, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s.ids)] = torch.tensor(s.ids)
-        mask[b, : len(s.ids)] = 1
-    return {"input_ids": ids, "attention_mask": mask, **recipe.text_inputs(ids), **recipe.image_inputs(list(images))}
+    return collate(seqs, images, family)
 
 
 def _scene_sequence(scene: S.Scene, target: int, read: int, label: str, query: str, family: str) -> Sequence_:

@@ -136,14 +136,19 @@ def shapes_batch(rng: np.random.Generator, cfg: TrainConfig, split: str = "train
             blocks = [(BINDING_QUERIES[q], int(t)) for q, t in zip(qs, ts)]
         seqs.append(build_sequence(scene, blocks, family=cfg.family))
         images.append(S.render(scene))
+    return collate(seqs, images, cfg.family), seqs
+
+
+def collate(seqs: Sequence, images: Sequence, family: str) -> dict[str, torch.Tensor]:
+    """Right-padded model inputs for training sequences (each with ``ids``) and their images."""
     length = max(len(s.ids) for s in seqs)
     ids = torch.full((len(seqs), length), PAD, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
     for b, s in enumerate(seqs):
         ids[b, : len(s.ids)] = torch.tensor(s.ids)
         mask[b, : len(s.ids)] = 1
-    recipe = get_recipe(cfg.family)
-    return {"input_ids": ids, "attention_mask": mask, **recipe.text_inputs(ids), **recipe.image_inputs(images)}, seqs
+    recipe = get_recipe(family)
+    return {"input_ids": ids, "attention_mask": mask, **recipe.text_inputs(ids), **recipe.image_inputs(list(images))}
 
 
 def attention_loss(attn: torch.Tensor, targets: list[tuple[int, int, list[int]]]) -> torch.Tensor:
