@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from . import shapes as S
-from .processing import PAD, TOKEN_TO_ID
+from .processing import TOKEN_TO_ID
 from .sequences import Sequence_, build_sequence
 from .task_api import OrganismTask, register_task
 
