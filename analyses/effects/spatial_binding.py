@@ -34,11 +34,10 @@ Protocol (the paper's criss-cross interchange, /work/shared/notes/papers.md "Pro
    failures at the best global alpha vs random W swept over the same alphas. Run it on an under-trained checkpoint
    (hooked_vlm.organism.spatial.undertrained).
 
-LOCAL INTERCHANGE: the criss-cross and amplification helpers here (`mirror_pairs`, `interchange`,
-`probe_columns`, `column_projection`, `amplification`) are this module's own, written before
-analyses/criss_cross.py (`criss_cross`, `criss_cross_pairs`) and analyses/spatial_amplify.py reached main.
-Switch to those after merging: pairs for
-the mirrored counterfactual are clean (row, col) <- cf (row, cols - 1 - col) on both objects' regions.
+The interchange runs on analyses/criss_cross.py's hook and sites. Its pairs are built here (`mirror_pairs`: clean
+(row, col) <- counterfactual (row, cols - 1 - col)), because `criss_cross_pairs` pairs regions of boxes that both
+images share, and a mirrored image moves the boxes. The amplification helpers here (`probe_columns`,
+`column_projection`, `amplification`) predate analyses/spatial_amplify.py and still stand alone.
 """
 from __future__ import annotations
 
@@ -50,6 +49,7 @@ import torch
 from torch import Tensor
 
 from hooked_vlm.analyses.toolkit import act_name, bootstrap, over_seeds, rate, run_cached
+from hooked_vlm.analyses.criss_cross import default_sites, interchange_hook
 
 from .base import Finding
 
@@ -103,7 +103,7 @@ def _two_colour(model: "HookedVLM", logits: Tensor, samples: Sequence[Any]) -> T
     return (last[rows, ans] > last[rows, wrong]).long()
 
 
-# ------------------------------------------------------------------------------------------ interchange (LOCAL)
+# ------------------------------------------------------------------------------------------ interchange
 def _grid_positions(layout: Any, b: int) -> dict[tuple[int, int], int]:
     pos = layout.image_positions()[b].nonzero().flatten()
     return {(int(layout.row[b, p]), int(layout.col[b, p])): int(p) for p in pos}
@@ -146,21 +146,14 @@ def same_pairs(layout: Any, scenes: Sequence[Any]) -> list[tuple[Tensor, Tensor]
 @torch.no_grad()
 def interchange(model: "HookedVLM", clean: dict[str, Any], source_cache: dict[str, Tensor], site: str,
                 pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
-    """Logits of the clean run with act[b, dst] = source[b, src] at ``site``."""
-    src_act = source_cache[site]
-
-    def hook(act: Tensor, hook: Any = None) -> Tensor:
-        out = act.clone()
-        for b, (d, s) in enumerate(pairs):
-            out[b, d] = src_act[b, s].to(out.dtype)
-        return out
-
-    with model.hooks(fwd_hooks=[(site, hook)]):
+    """Logits of the clean run with act[b, dst] = source[b, src] at ``site`` (the shared criss-cross hook)."""
+    with model.hooks(fwd_hooks=[(site, interchange_hook(source_cache[site], pairs))]):
         return model(**clean)
 
 
 def sites(model: "HookedVLM") -> list[str]:
-    return [act_name("resid_pre", 0)] + [act_name("resid_post", l) for l in range(model.cfg.n_layers)]
+    """resid_pre of layer 0 and resid_post of every layer (analyses/criss_cross.py `default_sites`)."""
+    return list(default_sites(model))
 
 
 # ------------------------------------------------------------------------------------------------ measures
