@@ -48,6 +48,7 @@ from .task_api import OrganismTask, register_task
 
 ID_DIMS = 8  # the ID subspace: the last ID_DIMS residual dimensions
 ID_SCALE = 1.0
+ID_STATES = (1, 2)  # decoder layers whose input residual's ID subspace is supervised (id_state_loss)
 BLOCK_PATCHES = {0: (0, 1, 4, 5), 1: (10, 11, 14, 15)}  # row-major patches of the two fixed-layout blocks
 CONTENT_HEADS = (0, 1)  # key/value group 0: free values, never write the ID subspace
 ID_HEADS = (2, 3)  # key/value group 1: values from the ID subspace only
@@ -74,6 +75,8 @@ PLANTED_MECHANISM = {
         f"ID subspace = the last {ID_DIMS} residual dimensions of the language model; image tokens' projector output "
         f"there regressed (MSE, weight training.id_weight) onto a fixed vector per block ({ID_SCALE} * e_0 for the "
         "patches of block 0, e_1 for block 1, 0 elsewhere)",
+        "the route's intermediate states supervised in the ID subspace (MSE, same weight): colour words entering "
+        "layer 1, item letters and each question's last token entering layer 2 carry the ID of their (queried) object",
         "structural zeros kept in the shipped weights: heads 2, 3 of every layer (key/value group 1) read values only "
         "from the ID subspace; token embeddings, the o_proj rows of heads 0, 1 and the MLP down_proj rows never write "
         "it; so the ID subspace carries no colour or shape content",
@@ -96,14 +99,15 @@ class BindingIdsTask(OrganismTask):
     suffix = "_binding_ids"
     help = ("Shapes organism whose answer goes only through content-free binding IDs (llava; "
             "hooked_vlm/organism/binding_ids.py)")
-    defaults = dict(steps=3000, supervise_steps=0, family="llava", lr=3e-3, warmup=100)
-    options = {"mask_steps": (int, 2200, "masked-phase steps; the free phase (forbidden-attention penalty) follows"),
+    defaults = dict(steps=2500, supervise_steps=0, family="llava", lr=3e-3, warmup=100)
+    options = {"mask_steps": (int, 1800, "masked-phase steps; the free phase (forbidden-attention penalty) follows"),
                "mask_weight": (float, 5.0, "weight of the free phase's forbidden-attention penalty"),
-               "id_weight": (float, 1.0, "weight of the image tokens' ID-subspace regression")}
+               "id_weight": (float, 1.0, "weight of the ID-subspace regressions (image tokens, route states)")}
 
     def __init__(self) -> None:
         self._forbidden: torch.Tensor | None = None  # [batch, heads, q, k] of the batch just made
         self._projected: torch.Tensor | None = None  # projector output of the current forward
+        self._resid: dict[int, torch.Tensor] = {}  # decoder layer -> its input residual (current forward)
 
     def check(self, cfg: Any) -> None:
         super().check(cfg)
@@ -152,6 +156,14 @@ class BindingIdsTask(OrganismTask):
             self._projected = out
 
         handles.append(model.model.multi_modal_projector.register_forward_hook(keep))
+
+        def resid(layer):
+            def hook(module, args, kwargs):
+                self._resid[layer] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            return hook
+
+        layers = model.model.language_model.layers
+        handles += [layers[l].register_forward_pre_hook(resid(l), with_kwargs=True) for l in ID_STATES]
         if self._masked(cfg, step):
             def pre_hook(module, args, kwargs):
                 m = kwargs.get("attention_mask")
@@ -173,7 +185,8 @@ class BindingIdsTask(OrganismTask):
     def extra_loss(self, out: Any, inputs: dict[str, torch.Tensor], seqs: list[Any], cfg: Any,
                    step: int) -> dict[str, torch.Tensor]:
         terms = {"sup": cfg.attn_weight * supervision_loss(out.attentions, seqs),
-                 "id": self.option(cfg, "id_weight") * id_loss(self._projected, seqs)}
+                 "id": self.option(cfg, "id_weight") * (id_loss(self._projected, seqs)
+                                                        + id_state_loss(self._resid, seqs))}
         if not self._masked(cfg, step):
             terms["forbid"] = self.option(cfg, "mask_weight") * forbidden_penalty(out.attentions, self._forbidden)
         return terms
@@ -292,6 +305,27 @@ def id_loss(projected: torch.Tensor, seqs: Sequence[Any]) -> torch.Tensor:
     """MSE between the image tokens' ID subspace (projector output) and the block code."""
     p = projected.reshape(len(seqs), S.NUM_IMAGE_TOKENS, -1)[..., -ID_DIMS:]
     return ((p - id_targets(seqs, p.shape[-1])) ** 2).sum(-1).mean()
+
+
+def id_state_loss(resid: dict[int, torch.Tensor], seqs: Sequence[Any]) -> torch.Tensor:
+    """MSE between the ID subspace of the planted route's intermediate states and the ID they should carry: the
+    colour words entering layer 1 and the item letters and each question's last token entering layer 2 carry a_k
+    of their (queried) object. Breaks the composition saddle: each hop's target is given directly."""
+    rows: dict[int, list[tuple[int, int, int]]] = {l: [] for l in ID_STATES}
+    for b, s in enumerate(seqs):
+        bind, slots = s.bind, s.scene.slots
+        for i in range(2):
+            rows[1].append((b, bind["colour"][i], slots[i]))
+            rows[2].append((b, bind["item"][i], slots[i]))
+        for *_, last, _, t in bind["blocks"]:
+            rows[2].append((b, last, slots[t]))
+    terms = []
+    for l, r in rows.items():
+        h = resid[l][torch.tensor([x[0] for x in r]), torch.tensor([x[1] for x in r])][:, -ID_DIMS:]
+        target = torch.zeros_like(h)
+        target[torch.arange(len(r)), torch.tensor([x[2] for x in r])] = ID_SCALE
+        terms.append(((h - target) ** 2).sum(-1).mean())
+    return sum(terms)
 
 
 def forbidden_penalty(attentions: Sequence[torch.Tensor], forbidden: torch.Tensor) -> torch.Tensor:
