@@ -218,6 +218,7 @@ class BindingIdsTask(OrganismTask):
             "effect": "Delta_O and Delta_I (paired per-token binding-ID differences) swap the answers",
             "why": "planted (planted_mechanism): the question reaches the item only through the object's ID"}}
         spec["binding_id_detector"] = measure_saved(processor, out_dir)
+        spec["binding_id_paper_pattern"] = paper_pattern_saved(processor, out_dir)
 
 
 def binding_sequence(scene: S.Scene, targets: Sequence[int], recipe: Any):
@@ -361,7 +362,7 @@ def check_id_invariant(model: Any) -> dict[str, float]:
     d = lm.config.hidden_size
     hd = d // lm.config.num_attention_heads
     ids = slice(d - ID_DIMS, d)
-    m = lambda t: float(t.abs().max())  # noqa: E731
+    m = lambda t: float(t.detach().abs().max())  # noqa: E731
     return {"embed_tokens_id_columns": m(lm.embed_tokens.weight[:, ids]),
             "v_proj_group1_content_columns": max(m(l.self_attn.v_proj.weight[hd: 2 * hd, : d - ID_DIMS]) for l in lm.layers),
             "o_proj_heads01_id_rows": max(m(l.self_attn.o_proj.weight[ids, : 2 * hd]) for l in lm.layers),
@@ -394,6 +395,33 @@ def measure_saved(processor: Any, path: Any, n: int = 64) -> list[dict[str, Any]
     from ..model import HookedVLM
 
     return [f.to_dict() for f in detect(HookedVLM.from_pretrained(str(path), processor=processor), n=n)]
+
+
+@torch.no_grad()
+def paper_pattern(model: Any, n: int = 32, seed: int = 0) -> dict[str, Any]:
+    """2505.22200's factorizability matrices and position independence on a Shapes organism (a HookedVLM), with the
+    analyses/tasks.py functions on main (context frozen, slots in mention order)."""
+    from hooked_vlm.analyses.tasks import shapes_factorizability, shapes_position_swap
+
+    mats, rows, cols = shapes_factorizability(model, n=n, seed=seed)
+    fr = (0.0, 0.5, 1.0)
+    pos = {kind: shapes_position_swap(model, kind=kind, n=2 * n, seed=seed, fractions=fr)
+           for kind in ("object", "colour", "item")}
+    return {"factorizability": {"rows (questions)": rows, "columns (answers)": cols, "n_pairs": n,
+                                "matrices": {k: [[round(float(x), 3) for x in r] for r in v] for k, v in mats.items()},
+                                "note": "slot 0 of context c replaced by slot 0 of a disjoint context c' at every layer, "
+                                        "context frozen; share of answers per candidate"},
+            "position_swap": {"fractions": list(fr), "n": 2 * n,
+                              **{k: {"kept": [round(x, 3) for x in v["kept"]], "swapped": [round(x, 3) for x in v["swapped"]]}
+                                 for k, v in pos.items()},
+                              "note": "keys of slots 0 and 1 re-rotated toward each other's positions, context frozen; "
+                                      "questions about the slot-0 object"}}
+
+
+def paper_pattern_saved(processor: Any, path: Any) -> dict[str, Any]:
+    from ..model import HookedVLM
+
+    return paper_pattern(HookedVLM.from_pretrained(str(path), processor=processor))
 
 
 BINDING_IDS = register_task(BindingIdsTask())
