@@ -105,7 +105,7 @@ class BindingIdsTask(OrganismTask):
                "id_weight": (float, 1.0, "weight of the ID-subspace regressions (image tokens, route states)")}
 
     def __init__(self) -> None:
-        self._forbidden: torch.Tensor | None = None  # [batch, heads, q, k] of the batch just made
+        self._forbidden: list[torch.Tensor] = []  # per decoder layer: [batch, heads, q, k] of the batch just made
         self._projected: torch.Tensor | None = None  # projector output of the current forward
         self._resid: dict[int, torch.Tensor] = {}  # decoder layer -> its input residual (current forward)
 
@@ -121,6 +121,27 @@ class BindingIdsTask(OrganismTask):
         if self.option(cfg, "mask_steps") < 0:
             raise ValueError(f"train_organism: mask_steps (--mask-steps) must be >= 0, got {self.option(cfg, 'mask_steps')}")
 
+    # ------------------------------------------------------------------ what a variant changes
+    state_layers = ID_STATES
+    planted = PLANTED
+    mechanism = PLANTED_MECHANISM
+
+    def forbidden(self, seqs: Sequence[Any], length: int) -> list[torch.Tensor]:
+        f = forbidden_attention(seqs, length)
+        return [f] * 4
+
+    def head_targets(self, seqs: Sequence[Any]) -> dict:
+        return _head_targets(seqs)
+
+    def state_targets(self, seqs: Sequence[Any]) -> dict:
+        return id_state_targets(seqs)
+
+    def impose(self, model: Any) -> None:
+        impose_id_invariant(model)
+
+    def check_invariant(self, model: Any) -> dict[str, float]:
+        return check_id_invariant(model)
+
     # ------------------------------------------------------------------ data
     def make_batch(self, rng: np.random.Generator, cfg: Any):
         from .recipes import get_recipe
@@ -135,7 +156,7 @@ class BindingIdsTask(OrganismTask):
         for b, s in enumerate(seqs):
             ids[b, : len(s.ids)] = torch.tensor(s.ids)
             mask[b, : len(s.ids)] = 1
-        self._forbidden = forbidden_attention(seqs, length)
+        self._forbidden = self.forbidden(seqs, length)
         images = [S.render(s.scene) for s in seqs]
         return {"input_ids": ids, "attention_mask": mask, **recipe.text_inputs(ids), **recipe.image_inputs(images)}, seqs
 
@@ -148,7 +169,7 @@ class BindingIdsTask(OrganismTask):
 
     @contextlib.contextmanager
     def forward_context(self, model: Any, cfg: Any, step: int) -> Iterator[None]:
-        impose_id_invariant(model)  # projected gradient descent: the structural zeros hold at every forward
+        self.impose(model)  # projected gradient descent: the structural zeros hold at every forward
         forbidden = self._forbidden
         handles = []
 
@@ -163,19 +184,22 @@ class BindingIdsTask(OrganismTask):
             return hook
 
         layers = model.model.language_model.layers
-        handles += [layers[l].register_forward_pre_hook(resid(l), with_kwargs=True) for l in ID_STATES]
+        handles += [layers[l].register_forward_pre_hook(resid(l), with_kwargs=True) for l in self.state_layers]
         if self._masked(cfg, step):
-            def pre_hook(module, args, kwargs):
-                m = kwargs.get("attention_mask")
-                if m is None or m.ndim != 4 or not m.is_floating_point():
-                    raise RuntimeError("binding_ids mask needs eager attention's 4-D additive float mask, got "
-                                       f"{None if m is None else (tuple(m.shape), m.dtype)}")
-                add = torch.zeros(forbidden.shape, dtype=m.dtype).masked_fill(forbidden, torch.finfo(m.dtype).min)
-                kwargs["attention_mask"] = (m + add).clamp_min(torch.finfo(m.dtype).min)
-                return args, kwargs
+            def pre_hook(layer):
+                def hook(module, args, kwargs):
+                    m = kwargs.get("attention_mask")
+                    if m is None or m.ndim != 4 or not m.is_floating_point():
+                        raise RuntimeError("binding_ids mask needs eager attention's 4-D additive float mask, got "
+                                           f"{None if m is None else (tuple(m.shape), m.dtype)}")
+                    f = forbidden[layer]
+                    add = torch.zeros(f.shape, dtype=m.dtype).masked_fill(f, torch.finfo(m.dtype).min)
+                    kwargs["attention_mask"] = (m + add).clamp_min(torch.finfo(m.dtype).min)
+                    return args, kwargs
+                return hook
 
-            handles += [layer.self_attn.register_forward_pre_hook(pre_hook, with_kwargs=True)
-                        for layer in model.model.language_model.layers]
+            handles += [layer.self_attn.register_forward_pre_hook(pre_hook(l), with_kwargs=True)
+                        for l, layer in enumerate(layers)]
         try:
             yield
         finally:
@@ -184,9 +208,9 @@ class BindingIdsTask(OrganismTask):
 
     def extra_loss(self, out: Any, inputs: dict[str, torch.Tensor], seqs: list[Any], cfg: Any,
                    step: int) -> dict[str, torch.Tensor]:
-        terms = {"sup": cfg.attn_weight * supervision_loss(out.attentions, seqs),
+        terms = {"sup": cfg.attn_weight * supervision_loss(out.attentions, self.head_targets(seqs)),
                  "id": self.option(cfg, "id_weight") * (id_loss(self._projected, seqs)
-                                                        + id_state_loss(self._resid, seqs))}
+                                                        + id_state_loss(self._resid, self.state_targets(seqs)))}
         if not self._masked(cfg, step):
             terms["forbid"] = self.option(cfg, "mask_weight") * forbidden_penalty(out.attentions, self._forbidden)
         return terms
@@ -195,15 +219,15 @@ class BindingIdsTask(OrganismTask):
     def evaluate(self, model: Any, processor: Any, cfg: Any, n: int, seed: int) -> dict[str, float]:
         from .measure import evaluate
 
-        impose_id_invariant(model)
+        self.impose(model)
         return evaluate(model, processor, n=n, seed=seed, heldout=True, queries=("shape_item",))
 
     def report(self, model: Any, processor: Any, cfg: Any, n: int) -> dict[str, Any]:
-        impose_id_invariant(model)
-        return binding_report(model, processor, n)
+        self.impose(model)
+        return binding_report(model, processor, n, self.check_invariant)
 
     def planted_circuit(self, cfg: Any) -> list[dict[str, Any]]:
-        return [dict(h, supervised_steps=cfg.steps) for h in PLANTED]
+        return [dict(h, supervised_steps=cfg.steps) for h in self.planted]
 
     def finish(self, spec: dict[str, Any], cfg: Any, processor: Any, out_dir: Any) -> None:
         spec["note"] = ("The binding IDs are PLANTED (see planted_mechanism): ground truth for the 2505.22200 "
@@ -212,7 +236,7 @@ class BindingIdsTask(OrganismTask):
         spec["task"]["queries"] = {k: v for k, v in spec["task"]["queries"].items() if k == "shape_item"}
         spec["task"]["training_sequence"] = (f"<bos> <image block: 16 tokens> <context> then {cfg.blocks_per_sequence} "
                                              "shape_item question blocks, each followed by its answer and '.'")
-        spec["planted_mechanism"] = PLANTED_MECHANISM
+        spec["planted_mechanism"] = self.mechanism
         spec["ground_truth"] = {"2505.22200": {
             "expected": "present",
             "effect": "Delta_O and Delta_I (paired per-token binding-ID differences) swap the answers",
@@ -286,11 +310,12 @@ def _head_targets(seqs: Sequence[Any]) -> dict[tuple[int, int], list[tuple[int, 
     return out
 
 
-def supervision_loss(attentions: Sequence[torch.Tensor], seqs: Sequence[Any]) -> torch.Tensor:
-    """Sum over the planted heads of the mean -log(attention mass on their targets)."""
+def supervision_loss(attentions: Sequence[torch.Tensor], targets: dict) -> torch.Tensor:
+    """Sum over the planted heads ({(layer, head): [(batch, query, keys)]}) of the mean -log(attention mass on their
+    targets)."""
     from .train import attention_loss
 
-    return sum(attention_loss(attentions[l][:, h], t) for (l, h), t in _head_targets(seqs).items())
+    return sum(attention_loss(attentions[l][:, h], t) for (l, h), t in targets.items())
 
 
 def id_targets(seqs: Sequence[Any], d_model: int) -> torch.Tensor:
@@ -308,35 +333,53 @@ def id_loss(projected: torch.Tensor, seqs: Sequence[Any]) -> torch.Tensor:
     return ((p - id_targets(seqs, p.shape[-1])) ** 2).sum(-1).mean()
 
 
-def id_state_loss(resid: dict[int, torch.Tensor], seqs: Sequence[Any]) -> torch.Tensor:
-    """MSE between the ID subspace of the planted route's intermediate states and the ID they should carry: the
-    colour words entering layer 1 and the item letters and each question's last token entering layer 2 carry a_k
-    of their (queried) object. Breaks the composition saddle: each hop's target is given directly."""
-    rows: dict[int, list[tuple[int, int, int]]] = {l: [] for l in ID_STATES}
+def id_state_targets(seqs: Sequence[Any]) -> dict[int, list[tuple[int, int, dict[int, float]]]]:
+    """{layer: [(batch, position, {ID dim: value})]}: the colour words entering layer 1 and the item letters and each
+    question's last token entering layer 2 carry a_k of their (queried) object (every ID dim given: 0 off a_k)."""
+    rows: dict[int, list] = {l: [] for l in ID_STATES}
+    code = lambda k: {d: (ID_SCALE if d == k else 0.0) for d in range(ID_DIMS)}  # noqa: E731
     for b, s in enumerate(seqs):
         bind, slots = s.bind, s.scene.slots
         for i in range(2):
-            rows[1].append((b, bind["colour"][i], slots[i]))
-            rows[2].append((b, bind["item"][i], slots[i]))
+            rows[1].append((b, bind["colour"][i], code(slots[i])))
+            rows[2].append((b, bind["item"][i], code(slots[i])))
         for *_, last, _, t in bind["blocks"]:
-            rows[2].append((b, last, slots[t]))
+            rows[2].append((b, last, code(slots[t])))
+    return rows
+
+
+def id_state_loss(resid: dict[int, torch.Tensor], targets: dict) -> torch.Tensor:
+    """MSE between the ID subspace of the planted route's intermediate states and the ID they should carry
+    (``targets`` as `id_state_targets`; only the dims given). Breaks the composition saddle: each hop's target is
+    given directly."""
     terms = []
-    for l, r in rows.items():
+    for l, r in targets.items():
+        if not r:
+            continue
         h = resid[l][torch.tensor([x[0] for x in r]), torch.tensor([x[1] for x in r])][:, -ID_DIMS:]
-        target = torch.zeros_like(h)
-        target[torch.arange(len(r)), torch.tensor([x[2] for x in r])] = ID_SCALE
-        terms.append(((h - target) ** 2).sum(-1).mean())
+        target, weight = torch.zeros_like(h), torch.zeros_like(h)
+        for row, (_, _, dims) in enumerate(r):
+            for d, v in dims.items():
+                target[row, d], weight[row, d] = v, 1.0
+        terms.append((((h - target) ** 2) * weight).sum(-1).mean())
     return sum(terms)
 
 
-def forbidden_penalty(attentions: Sequence[torch.Tensor], forbidden: torch.Tensor) -> torch.Tensor:
-    """Mean over (batch, head, row) with forbidden keys of the sum over layers of -log(1 - forbidden mass)."""
-    rows = forbidden.any(-1)  # [batch, heads, q]
+def forbidden_penalty(attentions: Sequence[torch.Tensor], forbidden: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum over layers of the mean over (batch, head, row) with forbidden keys of -log(1 - forbidden mass)
+    (``forbidden``: one [batch, heads, q, k] mask per layer)."""
+    if all(f is forbidden[0] for f in forbidden):  # one mask for every layer (binding_ids): mean of the layer sum
+        rows = forbidden[0].any(-1)  # [batch, heads, q]
+        total = 0
+        for a in attentions:
+            total = total + -(1 - (a * forbidden[0]).sum(-1)[rows]).clamp_min(1e-6).log()
+        return total.mean()
     total = 0
-    for a in attentions:
-        mass = (a * forbidden).sum(-1)  # [batch, heads, q]
-        total = total + -(1 - mass[rows]).clamp_min(1e-6).log()
-    return total.mean()
+    for a, f in zip(attentions, forbidden):
+        rows = f.any(-1)  # [batch, heads, q]
+        if rows.any():
+            total = total + -(1 - (a * f).sum(-1)[rows]).clamp_min(1e-6).log().mean()
+    return total
 
 
 @torch.no_grad()
@@ -370,7 +413,7 @@ def check_id_invariant(model: Any) -> dict[str, float]:
 
 
 @torch.no_grad()
-def binding_report(model: Any, processor: Any, n: int) -> dict[str, Any]:
+def binding_report(model: Any, processor: Any, n: int, invariant: Any = None) -> dict[str, Any]:
     """organism.json's measurements: shape_item accuracy (held-out combinations and training distribution, Wilson
     intervals) and the invariant check."""
     from hooked_vlm.analyses.toolkit.stats import rate
@@ -385,7 +428,8 @@ def binding_report(model: Any, processor: Any, n: int) -> dict[str, Any]:
         e = rate(hits)
         acc[name] = {"shape_item": round(e.value, 4)}
         wilson[name] = {"shape_item": [round(e.ci_low, 4), round(e.ci_high, 4)]}
-    return {"accuracy": {**acc, "n_per_query": n, "wilson_95": wilson}, "id_invariant_max_abs": check_id_invariant(model)}
+    return {"accuracy": {**acc, "n_per_query": n, "wilson_95": wilson},
+            "id_invariant_max_abs": (invariant or check_id_invariant)(model)}
 
 
 def measure_saved(processor: Any, path: Any, n: int = 64) -> list[dict[str, Any]]:

@@ -59,13 +59,14 @@ def test_mask_forbids_colour_words_to_questions_and_content_to_items():
         plain = model(**inputs, output_attentions=True).attentions
         with task.forward_context(model, cfg, 0):
             masked = model(**inputs, output_attentions=True).attentions
-    forbidden = task._forbidden
+    forbidden = task._forbidden[0]
+    assert all(f is forbidden for f in task._forbidden)
     s = seqs[0]
     last = s.bind["blocks"][0][2]
     assert forbidden[0, :, last, list(s.bind["colour"].values())].all()  # no head of a question reads a colour word
     item = s.bind["item"][0]
     assert forbidden[0, :2, item, s.bind["colour"][0]].all() and not forbidden[0, 2:, item, s.bind["colour"][0]].any()
-    assert B.forbidden_penalty(plain, forbidden) > 0.1
+    assert B.forbidden_penalty(plain, task._forbidden) > 0.1
     for m in masked:
         assert float((m * forbidden).sum()) == 0.0
     # the image side is untouched by the mask
