@@ -125,6 +125,7 @@ def _load_builtin() -> None:
     """Import the modules that register the shipped tasks (each registers itself on import)."""
     from . import gate  # noqa: F401
     from . import binding_ids  # noqa: F401
+    from . import binding_ids_text  # noqa: F401
 
 
 register_task(OrganismTask())
