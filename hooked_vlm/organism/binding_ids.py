@@ -118,10 +118,15 @@ class BindingIdsTask(OrganismTask):
         if cfg.supervise_steps:
             raise ValueError("train_organism: task binding_ids supervises its own heads; pass --supervise-steps 0, "
                              f"got {cfg.supervise_steps}")
-        if self.option(cfg, "mask_steps") < 0:
-            raise ValueError(f"train_organism: mask_steps (--mask-steps) must be >= 0, got {self.option(cfg, 'mask_steps')}")
+        if self.opt(cfg, "mask_steps") < 0:
+            raise ValueError(f"train_organism: mask_steps (--mask-steps) must be >= 0, got {self.opt(cfg, 'mask_steps')}")
 
     # ------------------------------------------------------------------ what a variant changes
+    option_prefix = ""  # option names must be unique across tasks (the CLI offers each as a flag)
+
+    def opt(self, cfg: Any, name: str) -> Any:
+        return self.option(cfg, self.option_prefix + name)
+
     state_layers = ID_STATES
     planted = PLANTED
     mechanism = PLANTED_MECHANISM
@@ -165,7 +170,7 @@ class BindingIdsTask(OrganismTask):
         return True
 
     def _masked(self, cfg: Any, step: int) -> bool:
-        return step < self.option(cfg, "mask_steps")
+        return step < self.opt(cfg, "mask_steps")
 
     @contextlib.contextmanager
     def forward_context(self, model: Any, cfg: Any, step: int) -> Iterator[None]:
@@ -209,10 +214,10 @@ class BindingIdsTask(OrganismTask):
     def extra_loss(self, out: Any, inputs: dict[str, torch.Tensor], seqs: list[Any], cfg: Any,
                    step: int) -> dict[str, torch.Tensor]:
         terms = {"sup": cfg.attn_weight * supervision_loss(out.attentions, self.head_targets(seqs)),
-                 "id": self.option(cfg, "id_weight") * (id_loss(self._projected, seqs)
+                 "id": self.opt(cfg, "id_weight") * (id_loss(self._projected, seqs)
                                                         + id_state_loss(self._resid, self.state_targets(seqs)))}
         if not self._masked(cfg, step):
-            terms["forbid"] = self.option(cfg, "mask_weight") * forbidden_penalty(out.attentions, self._forbidden)
+            terms["forbid"] = self.opt(cfg, "mask_weight") * forbidden_penalty(out.attentions, self._forbidden)
         return terms
 
     # ------------------------------------------------------------------ measuring and shipping

@@ -76,9 +76,10 @@ class BindingIdsTextTask(B.BindingIdsTask):
     suffix = "_binding_ids_text"
     help = ("Shapes organism with two content-free binding IDs (image and text) so that Delta_O, Delta_C and Delta_I "
             "all act (llava; hooked_vlm/organism/binding_ids_text.py)")
-    options = {"mask_steps": (int, 1800, "masked-phase steps; the free phase (forbidden-attention penalty) follows"),
-               "mask_weight": (float, 5.0, "weight of the free phase's forbidden-attention penalty"),
-               "id_weight": (float, 1.0, "weight of the ID-subspace regressions (image tokens, route states)")}
+    option_prefix = "text_"
+    options = {"text_mask_steps": (int, 1800, "masked-phase steps; the free phase (forbidden-attention penalty) follows"),
+               "text_mask_weight": (float, 5.0, "weight of the free phase's forbidden-attention penalty"),
+               "text_id_weight": (float, 1.0, "weight of the ID-subspace regressions (image tokens, route states)")}
     state_layers = (1, 2, 3)
     planted = PLANTED
     mechanism = PLANTED_MECHANISM
