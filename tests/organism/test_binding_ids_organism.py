@@ -14,7 +14,9 @@ from hooked_vlm.organism.train import TrainConfig, main, train_organism
 
 BIND = dict(task="binding_ids", family="llava", supervise_steps=0, options={"mask_steps": 2},
             batch_size=2, eval_every=10**6, save_every=2, log_every=1)
+TEXT = dict(task="binding_ids_text", options={"text_mask_steps": 2})
 POSITIVE, NEGATIVE = "shapes_llava_binding_ids", "shapes_llava"
+POSITIVE_TEXT = "shapes_llava_binding_ids_text"
 
 
 def _train(tmp_path, state, steps=4, stop_after=None, **cfg):
@@ -22,12 +24,13 @@ def _train(tmp_path, state, steps=4, stop_after=None, **cfg):
                           cfg=TrainConfig(**{**BIND, **cfg}), progress=False, stop_after=stop_after)
 
 
-def test_binding_ids_training_resumes_into_the_straight_run(tmp_path):
+@pytest.mark.parametrize("variant", [{}, TEXT], ids=["binding_ids", "binding_ids_text"])
+def test_binding_ids_training_resumes_into_the_straight_run(tmp_path, variant):
     # steps 1-2 masked, 3-4 free (forbidden-attention penalty): both phases
-    _train(tmp_path, "straight", stop_after=4)
-    _train(tmp_path, "chunked", stop_after=1)
-    _train(tmp_path, "chunked", stop_after=3)
-    _train(tmp_path, "chunked", stop_after=4)
+    _train(tmp_path, "straight", stop_after=4, **variant)
+    _train(tmp_path, "chunked", stop_after=1, **variant)
+    _train(tmp_path, "chunked", stop_after=3, **variant)
+    _train(tmp_path, "chunked", stop_after=4, **variant)
     a, b = ST.saved_model(tmp_path / "straight"), ST.saved_model(tmp_path / "chunked")
     assert a.keys() == b.keys()
     for name in a:
@@ -79,6 +82,26 @@ def test_mask_forbids_colour_words_to_questions_and_content_to_items():
         with task.forward_context(model, cfg, 0):  # re-imposes the invariant before every forward
             pass
     assert all(v == 0.0 for v in B.check_id_invariant(model).values())
+
+
+def test_text_variant_mask_lets_only_the_order_head_and_the_id_heads_through():
+    from hooked_vlm.organism import binding_ids_text as T
+
+    task = T.BINDING_IDS_TEXT
+    inputs, seqs = task.make_batch(np.random.default_rng(1), TrainConfig(**{**BIND, **TEXT, "batch_size": 2}))
+    s, f = seqs[0], task._forbidden
+    bind = s.bind
+    stops = sorted(p + 5 for p in bind["colour"].values())
+    item2 = max(bind["item"].values())  # the second sentence's item
+    allowed = (~f[0][0, T.ORDER_HEAD[1], item2, : item2 + 1]).nonzero().flatten().tolist()
+    assert allowed == [0, stops[0]]  # <bos> and the first sentence's '.'
+    last = bind["blocks"][0][2]
+    colours = list(bind["colour"].values())
+    for layer in range(4):
+        assert not f[layer][0, 2:, last, colours].any() and f[layer][0, :2, last, colours].all()
+    model = __import__("hooked_vlm.organism.train", fromlist=["build_model"]).build_model(0, 0.1, "llava")
+    task.impose(model)
+    assert all(v == 0.0 for v in task.check_invariant(model).values())
 
 
 def test_shipped_binding_ids_keeps_its_invariant():
