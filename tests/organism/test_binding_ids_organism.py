@@ -104,16 +104,18 @@ def test_text_variant_mask_lets_only_the_order_head_and_the_id_heads_through():
     assert all(v == 0.0 for v in task.check_invariant(model).values())
 
 
-def test_shipped_binding_ids_keeps_its_invariant():
-    from hooked_vlm.organism import binding_ids as B
-    from hooked_vlm.organism import load_organism_hf
+@pytest.mark.parametrize("name", [POSITIVE, POSITIVE_TEXT])
+def test_shipped_binding_ids_keeps_its_invariant(name):
+    from hooked_vlm.organism import load_organism_hf, shipped_organisms
+    from hooked_vlm.organism.task_api import get_task
 
-    model, _ = load_organism_hf(POSITIVE)
-    assert all(v == 0.0 for v in B.check_id_invariant(model).values())
-    rec = organism_record(POSITIVE)
+    rec = organism_record(name)
+    model, _ = load_organism_hf(name)
+    assert all(v == 0.0 for v in get_task(rec["training"]["task"]).check_invariant(model).values())
     assert rec["ground_truth"]["2505.22200"]["expected"] == "present"
     assert organism_record(NEGATIVE)["ground_truth"]["2505.22200"]["expected"] == "absent"
     assert rec["accuracy"]["heldout_combinations"]["shape_item"] >= 0.95
+    assert name in shipped_organisms("effect") and NEGATIVE not in shipped_organisms("effect")
 
 
 def test_zero_delta_is_the_identity():
@@ -135,13 +137,16 @@ def test_zero_delta_is_the_identity():
     assert [int(m[0].sum()) for m in (slots["object"][0], slots["colour"][0], slots["item"][0])] == [4, 2, 2]
 
 
-@pytest.mark.parametrize("name,expected", [(POSITIVE, True), (NEGATIVE, False)])
-def test_detector_says_yes_on_the_positive_and_no_on_the_negative(name, expected):
+@pytest.mark.parametrize("name,expected", [
+    (POSITIVE, {"Delta_O": True, "Delta_C": False, "Delta_I": True}),  # the question never reads the colour words
+    (POSITIVE_TEXT, {"Delta_O": True, "Delta_C": True, "Delta_I": True}),
+    (NEGATIVE, {"Delta_O": False, "Delta_C": False, "Delta_I": False}),
+])
+def test_detector_says_yes_on_the_positives_and_no_on_the_negative(name, expected):
     from hooked_vlm.analyses.effects.binding_ids import detect
 
     findings = {f.effect.split()[0]: f for f in detect(load_organism(name), n=24)}
-    assert findings["Delta_O"].detected is expected
-    assert findings["Delta_I"].detected is expected
-    if expected:
-        assert findings["Delta_O"].estimate >= 0.8 and findings["Delta_I"].estimate >= 0.8
-    assert all(f.detail["control_estimate"] <= 0.1 for f in findings.values())
+    assert {k: f.detected for k, f in findings.items()} == expected
+    for k, f in findings.items():
+        assert f.estimate >= 0.8 if expected[k] else f.estimate <= 0.1
+        assert f.detail["control_estimate"] <= 0.1
