@@ -245,7 +245,10 @@ class BindingIdsTask(OrganismTask):
         spec["ground_truth"] = {"2505.22200": {
             "expected": "present",
             "effect": "Delta_O and Delta_I (paired per-token binding-ID differences) swap the answers",
-            "why": "planted (planted_mechanism): the question reaches the item only through the object's ID"}}
+            "why": "planted (planted_mechanism): the question reaches the item only through the object's ID",
+            # per detector finding (the Finding.effect's first word): the question never reads the colour words, so
+            # under the frozen-context protocol Delta_C cannot act (as 2505.22200 finds for LLaVA-OneVision)
+            "per_effect": {"Delta_O": "present", "Delta_C": "absent", "Delta_I": "present"}}}
         spec["binding_id_detector"] = measure_saved(processor, out_dir)
         spec["binding_id_paper_pattern"] = paper_pattern_saved(processor, out_dir)
 

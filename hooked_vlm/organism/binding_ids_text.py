@@ -140,6 +140,8 @@ class BindingIdsTextTask(B.BindingIdsTask):
         super().finish(spec, cfg, processor, out_dir)
         spec["ground_truth"]["2505.22200"]["effect"] = ("Delta_O, Delta_C and Delta_I (paired per-token binding-ID "
                                                        "differences) each swap the answers")
+        spec["ground_truth"]["2505.22200"]["per_effect"] = {"Delta_O": "present", "Delta_C": "present",
+                                                           "Delta_I": "present"}
 
 
 @torch.no_grad()

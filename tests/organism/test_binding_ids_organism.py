@@ -147,6 +147,8 @@ def test_detector_says_yes_on_the_positives_and_no_on_the_negative(name, expecte
 
     findings = {f.effect.split()[0]: f for f in detect(load_organism(name), n=24)}
     assert {k: f.detected for k, f in findings.items()} == expected
+    per_effect = organism_record(name)["ground_truth"]["2505.22200"]["per_effect"]  # what bench-effects expects
+    assert {k: v == "present" for k, v in per_effect.items()} == expected
     for k, f in findings.items():
         assert f.estimate >= 0.8 if expected[k] else f.estimate <= 0.1
         assert f.detail["control_estimate"] <= 0.1
