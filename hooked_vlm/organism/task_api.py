@@ -124,6 +124,8 @@ def all_tasks() -> list[OrganismTask]:
 def _load_builtin() -> None:
     """Import the modules that register the shipped tasks (each registers itself on import)."""
     from . import gate  # noqa: F401
+    from . import binding_ids  # noqa: F401
+    from . import binding_ids_text  # noqa: F401
     from . import spatial  # noqa: F401
     from . import symbolic  # noqa: F401
 
