@@ -189,3 +189,30 @@ def detect(model: "HookedVLM", *, n: int = 64, seed: int = 0) -> list[Finding]:
                     "protocol": "paired per-token Delta (resid_pre, all layers), +Delta slot 0 / -Delta slot 1, "
                                 "context frozen; readout argmax over the two context items; both objects asked"}))
     return findings
+
+
+@torch.no_grad()
+def paper_pattern(model: Any, n: int = 32, seed: int = 0) -> dict[str, Any]:
+    """2505.22200's factorizability matrices and position independence on a Shapes organism (a HookedVLM), with the
+    analyses/tasks.py functions on main (context frozen, slots in mention order)."""
+    from hooked_vlm.analyses.tasks import shapes_factorizability, shapes_position_swap
+
+    mats, rows, cols = shapes_factorizability(model, n=n, seed=seed)
+    fr = (0.0, 0.5, 1.0)
+    pos = {kind: shapes_position_swap(model, kind=kind, n=2 * n, seed=seed, fractions=fr)
+           for kind in ("object", "colour", "item")}
+    return {"factorizability": {"rows (questions)": rows, "columns (answers)": cols, "n_pairs": n,
+                                "matrices": {k: [[round(float(x), 3) for x in r] for r in v] for k, v in mats.items()},
+                                "note": "slot 0 of context c replaced by slot 0 of a disjoint context c' at every layer, "
+                                        "context frozen; share of answers per candidate"},
+            "position_swap": {"fractions": list(fr), "n": 2 * n,
+                              **{k: {"kept": [round(x, 3) for x in v["kept"]], "swapped": [round(x, 3) for x in v["swapped"]]}
+                                 for k, v in pos.items()},
+                              "note": "keys of slots 0 and 1 re-rotated toward each other's positions, context frozen; "
+                                      "questions about the slot-0 object"}}
+
+
+def record(model: "HookedVLM", *, n: int = 64, seed: int = 0) -> dict[str, Any]:
+    """The full measurement for organism.json (`hooked-vlm bench-effects --write-record`): the Findings with their
+    details, and the paper's factorizability and position-independence pattern (`paper_pattern`)."""
+    return {"findings": [f.to_dict() for f in detect(model, n=n, seed=seed)], "paper_pattern": paper_pattern(model)}

@@ -81,7 +81,9 @@ def resolve_models(models: Sequence[str] | None) -> list[tuple[str, Path, dict[s
             raise ValueError(f"{model!r} has no ground_truth in its organism.json, so there is nothing to check a "
                              f"detector against; organisms that have one: {effect_organisms()}")
         for paper, entry in truth.items():
-            if paper not in PAPERS or entry.get("expected") not in ("present", "absent"):
+            per = entry.get("per_effect") or {} if isinstance(entry, dict) else {}
+            if (paper not in PAPERS or entry.get("expected") not in ("present", "absent")
+                    or any(v not in ("present", "absent") for v in per.values())):
                 raise ValueError(f"{model!r}: ground_truth[{paper!r}] must name a paper of {sorted(PAPERS)} and have "
                                  f"expected 'present' or 'absent', got {entry!r}")
         out.append((record.get("name", path.name), path, record))
@@ -113,7 +115,6 @@ def bench_effects(models: Sequence[str] | None = None, *, n: int = 64, seed: int
     for name, path, record, paper in bar:
         bar.set_postfix_str(f"{name} x {paper}")
         family = record.get("family", "llava")
-        expected = record["ground_truth"][paper]["expected"]
         module = detectors.get(paper)
         if module is None:
             reason = (f"no detector module for paper {paper} ({PAPERS[paper]}): no analyses/effects/*.py defines "
@@ -130,13 +131,30 @@ def bench_effects(models: Sequence[str] | None = None, *, n: int = 64, seed: int
         findings = module.detect(model, n=n, seed=seed)
         if not findings:
             raise ValueError(f"{module.__name__}.detect returned no Finding on {name}")
-        rows = [f.row(name, family, expected) for f in findings]
+        truth = record["ground_truth"][paper]
+        unused = [k for k in truth.get("per_effect") or {} if not any(f.effect.startswith(k) for f in findings)]
+        if unused:
+            raise ValueError(f"{name}: ground_truth[{paper!r}] per_effect keys {unused} name no finding of "
+                             f"{module.__name__}.detect (its effects: {[f.effect for f in findings]})")
+        rows = [f.row(name, family, finding_expectation(truth, f.effect, name)) for f in findings]
         result.rows += rows
         if write_record:
             extra = module.record(model, n=n, seed=seed) if callable(getattr(module, "record", None)) else None
             _write_record(path, paper, rows, n, seed, extra)
         result.seconds[f"{name} {paper}"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def finding_expectation(truth: dict[str, Any], effect: str, organism: str = "") -> str:
+    """The expectation of one finding: ``truth["expected"]``, unless ``truth["per_effect"]`` ({effect prefix:
+    "present" | "absent"}) names the finding by the start of its ``effect`` text (for an organism that plants some of
+    a paper's effects and not others, e.g. a binding ID that the colour words never carry). A prefix that matches
+    several keys is an error."""
+    per = truth.get("per_effect") or {}
+    hits = [key for key in per if effect.startswith(key)]
+    if len(hits) > 1:
+        raise ValueError(f"{organism}: ground_truth per_effect keys {hits} all match the finding {effect!r}")
+    return per[hits[0]] if hits else truth["expected"]
 
 
 def _write_record(path: Path, paper: str, rows: list[dict[str, Any]], n: int, seed: int,

@@ -122,7 +122,8 @@ def rate(successes: Any, confidence: float = 0.95) -> Estimate:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n, confidence, "wilson")
+    # the interval always holds p: at p = 0 or 1 the bound is p itself, which round-off can miss by one ulp
+    return Estimate(p, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)), n, confidence, "wilson")
 
 
 def over_seeds(values: Sequence[float] | Any, confidence: float = 0.95) -> Estimate:

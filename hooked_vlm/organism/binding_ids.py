@@ -236,7 +236,9 @@ class BindingIdsTask(OrganismTask):
 
     def finish(self, spec: dict[str, Any], cfg: Any, processor: Any, out_dir: Any) -> None:
         spec["note"] = ("The binding IDs are PLANTED (see planted_mechanism): ground truth for the 2505.22200 "
-                        "detectors, not a finding about real VLMs.")
+                        "detectors, not a finding about real VLMs. The detectors' numbers and the paper's "
+                        "factorizability / position-independence pattern (effect_detectors) are written by "
+                        "`hooked-vlm bench-effects --model <this directory> --write-record`.")
         spec["findings"] = []
         spec["task"]["queries"] = {k: v for k, v in spec["task"]["queries"].items() if k == "shape_item"}
         spec["task"]["training_sequence"] = (f"<bos> <image block: 16 tokens> <context> then {cfg.blocks_per_sequence} "
@@ -249,8 +251,6 @@ class BindingIdsTask(OrganismTask):
             # per detector finding (the Finding.effect's first word): the question never reads the colour words, so
             # under the frozen-context protocol Delta_C cannot act (as 2505.22200 finds for LLaVA-OneVision)
             "per_effect": {"Delta_O": "present", "Delta_C": "absent", "Delta_I": "present"}}}
-        spec["binding_id_detector"] = measure_saved(processor, out_dir)
-        spec["binding_id_paper_pattern"] = paper_pattern_saved(processor, out_dir)
 
 
 def binding_sequence(scene: S.Scene, targets: Sequence[int], recipe: Any):
@@ -424,56 +424,19 @@ def check_id_invariant(model: Any) -> dict[str, float]:
 def binding_report(model: Any, processor: Any, n: int, invariant: Any = None) -> dict[str, Any]:
     """organism.json's measurements: shape_item accuracy (held-out combinations and training distribution, Wilson
     intervals) and the invariant check."""
-    from hooked_vlm.analyses.toolkit.stats import rate
-
+    from .gate import wilson
     from .measure import predict
 
     model.eval()
-    acc, wilson = {}, {}
+    acc, intervals = {}, {}
     for split, name in (("heldout", "heldout_combinations"), ("train", "training_distribution")):
         samples = S.ShapesGenerator(1234 if split == "heldout" else 4321).samples(n, "shape_item", split=split)
         hits = np.array([p == s.answer for p, s in zip(predict(model, processor, samples), samples)], dtype=float)
-        e = rate(hits)
-        acc[name] = {"shape_item": round(e.value, 4)}
-        wilson[name] = {"shape_item": [round(e.ci_low, 4), round(e.ci_high, 4)]}
-    return {"accuracy": {**acc, "n_per_query": n, "wilson_95": wilson},
+        low, high = wilson(hits.sum(), len(hits))
+        acc[name] = {"shape_item": round(float(hits.mean()), 4)}
+        intervals[name] = {"shape_item": [round(low, 4), round(high, 4)]}
+    return {"accuracy": {**acc, "n_per_query": n, "wilson_95": intervals},
             "id_invariant_max_abs": (invariant or check_id_invariant)(model)}
-
-
-def measure_saved(processor: Any, path: Any, n: int = 64) -> list[dict[str, Any]]:
-    """The 2505.22200 detector (analyses/effects/binding_ids.py) on the checkpoint just written to ``path``."""
-    from hooked_vlm.analyses.effects.binding_ids import detect
-
-    from ..model import HookedVLM
-
-    return [f.to_dict() for f in detect(HookedVLM.from_pretrained(str(path), processor=processor), n=n)]
-
-
-@torch.no_grad()
-def paper_pattern(model: Any, n: int = 32, seed: int = 0) -> dict[str, Any]:
-    """2505.22200's factorizability matrices and position independence on a Shapes organism (a HookedVLM), with the
-    analyses/tasks.py functions on main (context frozen, slots in mention order)."""
-    from hooked_vlm.analyses.tasks import shapes_factorizability, shapes_position_swap
-
-    mats, rows, cols = shapes_factorizability(model, n=n, seed=seed)
-    fr = (0.0, 0.5, 1.0)
-    pos = {kind: shapes_position_swap(model, kind=kind, n=2 * n, seed=seed, fractions=fr)
-           for kind in ("object", "colour", "item")}
-    return {"factorizability": {"rows (questions)": rows, "columns (answers)": cols, "n_pairs": n,
-                                "matrices": {k: [[round(float(x), 3) for x in r] for r in v] for k, v in mats.items()},
-                                "note": "slot 0 of context c replaced by slot 0 of a disjoint context c' at every layer, "
-                                        "context frozen; share of answers per candidate"},
-            "position_swap": {"fractions": list(fr), "n": 2 * n,
-                              **{k: {"kept": [round(x, 3) for x in v["kept"]], "swapped": [round(x, 3) for x in v["swapped"]]}
-                                 for k, v in pos.items()},
-                              "note": "keys of slots 0 and 1 re-rotated toward each other's positions, context frozen; "
-                                      "questions about the slot-0 object"}}
-
-
-def paper_pattern_saved(processor: Any, path: Any) -> dict[str, Any]:
-    from ..model import HookedVLM
-
-    return paper_pattern(HookedVLM.from_pretrained(str(path), processor=processor))
 
 
 BINDING_IDS = register_task(BindingIdsTask())

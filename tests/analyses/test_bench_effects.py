@@ -155,3 +155,15 @@ def test_core_package_never_imports_the_analyses():
                    for n in names):
                 offenders.append(f"{file.relative_to(root.parent)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_per_effect_expectations_name_findings_by_prefix():
+    from hooked_vlm.analyses.effects.runner import finding_expectation
+
+    truth = {"expected": "present", "per_effect": {"Delta_C": "absent", "Delta_O": "present"}}
+    assert finding_expectation(truth, "Delta_C (colour slot) swaps answers at 1x") == "absent"
+    assert finding_expectation(truth, "Delta_I (item slot) swaps answers at 1x") == "present"  # the paper's default
+    assert finding_expectation({"expected": "absent"}, "anything") == "absent"
+    with pytest.raises(ValueError, match=r"keys \['Delta', 'Delta_C'\] all match"):
+        finding_expectation({"expected": "present", "per_effect": {"Delta": "absent", "Delta_C": "absent"}},
+                            "Delta_C (colour slot)", "org")

@@ -77,3 +77,10 @@ def test_bad_rate_and_confidence():
 def test_estimate_formats_and_compares():
     a, b = Estimate(0.8, 0.7, 0.9, 64), Estimate(0.1, 0.0, 0.2, 64)
     assert f"{a}" == "0.80 [0.70, 0.90] (n=64)" and a.excludes(b) and not a.excludes(0.75)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 128, 255, 1000])
+def test_rate_interval_holds_its_estimate_at_the_extremes(n):
+    for hits in (np.ones(n), np.zeros(n)):
+        e = rate(hits)
+        assert e.ci_low <= e.value <= e.ci_high and 0.0 <= e.ci_low and e.ci_high <= 1.0
