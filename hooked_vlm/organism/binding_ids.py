@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from . import shapes as S
-from .processing import PAD, TOKEN_TO_ID
+from .processing import TOKEN_TO_ID
 from .task_api import OrganismTask, register_task
 
 ID_DIMS = 8  # the ID subspace: the last ID_DIMS residual dimensions
@@ -155,15 +155,11 @@ class BindingIdsTask(OrganismTask):
         seqs = [binding_sequence(S.sample_scene(rng, "fixed", "train", 2),
                                  [int(t) for t in rng.integers(2, size=cfg.blocks_per_sequence)], recipe)
                 for _ in range(cfg.batch_size)]
-        length = max(len(s.ids) for s in seqs)
-        ids = torch.full((len(seqs), length), PAD, dtype=torch.long)
-        mask = torch.zeros((len(seqs), length), dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s.ids)] = torch.tensor(s.ids)
-            mask[b, : len(s.ids)] = 1
-        self._forbidden = self.forbidden(seqs, length)
-        images = [S.render(s.scene) for s in seqs]
-        return {"input_ids": ids, "attention_mask": mask, **recipe.text_inputs(ids), **recipe.image_inputs(images)}, seqs
+        from .train import collate
+
+        inputs = collate(seqs, [S.render(s.scene) for s in seqs], cfg.family)
+        self._forbidden = self.forbidden(seqs, inputs["input_ids"].shape[1])
+        return inputs, seqs
 
     # ------------------------------------------------------------------ constraints and losses
     def wants_attentions(self, cfg: Any, step: int) -> bool:
