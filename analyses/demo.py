@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -32,6 +32,12 @@ def _scenes(seed: int, scene_layout: str, n_objects: int = 2) -> ShapesGenerator
 
 # sections written for two-object scenes only; on a 3-object organism the demo skips them and says so
 TWO_OBJECT_SECTIONS = ("generated", "heads", "binding", "spatial")
+# the Shapes queries each section asks (organism.json's task.queries says which ones an organism was trained on; a
+# section whose queries it was not trained on would only measure an untrained answer, so it is skipped, visibly)
+SECTION_QUERIES = {"counterfactuals": ("shape_item", "colour_item"), "narrow_gate": ("shape_item", "colour_item"),
+                   "generated": ("shape_item", "scene"), "patching": ("shape_item",),
+                   "heads": ("shape_item", "scene", "shape_colour"), "binding": ("shape_item",),
+                   "spatial": ("shape_colour",), "circuit_recovery": ("shape_item",)}
 
 
 def _rate(x: torch.Tensor) -> dict[str, float | int]:
@@ -48,15 +54,20 @@ def _fmt(e: dict[str, Any] | Estimate | None) -> str:
 
 
 def accuracy_section(model: HookedVLM, report: Report, n: int, seed: int, scene_layout: str = "fixed",
-                     n_objects: int = 2) -> dict[str, dict[str, dict[str, float | int]]]:
+                     n_objects: int = 2, queries: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, float | int]]]:
+    """Held-out and training-distribution accuracy of each Shapes query (`queries`: those the organism was trained on;
+    default all four)."""
+    wanted = [q for q in QUERY_NAMES if queries is None or q in queries]
     acc: dict[str, dict[str, dict[str, float | int]]] = {}
     for split in ("heldout", "train"):
         acc[split] = {}
         for qi, query in enumerate(progress_bar(QUERY_NAMES, desc=f"accuracy ({split})")):
+            if query not in wanted:
+                continue
             batch = encode(model.processor, _scenes(seed + 101 * qi, scene_layout, n_objects).samples(n, query, split=split))
             acc[split][query] = _rate(predictions(model, batch) == batch.answer)
     rows = [dict(query=QUERY_NAMES[q], heldout_combinations=_fmt(acc["heldout"][q]),
-                 training_distribution=_fmt(acc["train"][q])) for q in QUERY_NAMES]
+                 training_distribution=_fmt(acc["train"][q])) for q in wanted]
     report.add("Accuracy per query type",
                f"Argmax over the whole vocabulary at the last prompt token, {n} prompts per cell, with 95% Wilson "
                "intervals. 'Held-out combinations' prompts contain at least one (colour, shape, position) triple never "
@@ -348,6 +359,33 @@ def planted_section(report: Report, record: dict[str, Any] | None) -> list[dict[
     return rows
 
 
+def effects_section(model: HookedVLM, report: Report, record: dict[str, Any] | None, n: int, seed: int) -> list[dict[str, Any]]:
+    """Each paper's detector (analyses/effects/) for the papers this organism's ground_truth names, with the verdict
+    and whether it agrees with what was planted (the rows `hooked-vlm bench-effects` writes, at min(n, 64) prompts)."""
+    from .effects.runner import detector_modules, finding_expectation
+
+    truth = (record or {}).get("ground_truth") or {}
+    modules = detector_modules()
+    rows: list[dict[str, Any]] = []
+    for paper in sorted(truth):
+        if paper not in modules:
+            rows.append(dict(paper=paper, effect="(no detector module)", expected=truth[paper]["expected"],
+                             estimate="-", control_upper="-", verdict="SKIPPED", agrees="-"))
+            continue
+        for f in modules[paper].detect(model, n=min(n, 64), seed=seed):
+            expected = finding_expectation(truth[paper], f.effect)
+            bound = f.control_ci_high if f.control_ci_high is not None else f.null_value
+            rows.append(dict(paper=paper, effect=f.effect, expected=expected,
+                             estimate=f"{f.estimate:.3f} [{f.ci_low:.3f}, {f.ci_high:.3f}]", control_upper=f"{bound:.3f}",
+                             verdict="detected" if f.detected else "not detected",
+                             agrees="yes" if f.detected == (expected == "present") else "NO"))
+    report.add("Each paper's detector on this organism",
+               "The detectors of <code>hooked-vlm bench-effects</code> (analyses/effects/), for the papers this "
+               "organism's ground truth names. A finding is detected when its estimate's 95% interval lies wholly "
+               "above its control's (docs/ground_truth.md).", rows=rows)
+    return rows
+
+
 def _resolve(model_path: str | None) -> str:
     """A shipped organism name (e.g. "shapes_qwen2_vl") or None -> its directory; anything else as given."""
     if model_path is None:
@@ -390,7 +428,9 @@ def run_demo(model_path: str | None = None, out_dir: str = "report", n: int = 25
         f"Model: <code>{path}</code> ({model.cfg.family}, {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, "
         f"d_model {model.cfg.d_model}). Every number below was measured in this run by <code>hooked-vlm demo</code>.")
     summary: dict[str, Any] = dict(model=path, n=n, seed=seed)
-    steps = [("accuracy", lambda: accuracy_section(model, report, n, seed, scene_layout, n_objects)),
+    trained = set(task.get("queries", QUERY_NAMES))
+    steps = [("accuracy", lambda: accuracy_section(model, report, n, seed, scene_layout, n_objects,
+                                                   queries=sorted(trained))),
              ("counterfactuals", lambda: counterfactual_section(model, report, n, seed, scene_layout, n_objects)),
              ("narrow_gate", lambda: narrow_gate_section(model, report, n, seed, scene_layout, n_objects)),
              ("generated", lambda: generated.generated_section(model, report, n, seed, scene_layout)),
@@ -399,7 +439,10 @@ def run_demo(model_path: str | None = None, out_dir: str = "report", n: int = 25
              ("binding", lambda: binding_section(model, report, n, seed)),
              ("spatial", lambda: spatial_section(model, report, n, seed, scene_layout)),
              ("planted_circuit", lambda: planted_section(report, record)),
-             ("circuit_recovery", lambda: circuit_section(model, report, record, n, seed))]
+             ("circuit_recovery", lambda: circuit_section(model, report, record, n, seed)),
+             ("effects", lambda: effects_section(model, report, record, n, seed))]
+    if not (record or {}).get("ground_truth"):
+        steps = steps[:-1]
     summary["section_seconds"] = {}
     if n_objects != 2:  # the sections written for two-object scenes are skipped, visibly
         summary["skipped_sections"] = list(TWO_OBJECT_SECTIONS)
@@ -407,6 +450,15 @@ def run_demo(model_path: str | None = None, out_dir: str = "report", n: int = 25
         report.add("Sections skipped for this organism",
                    f"This is a {n_objects}-object organism; the sections {', '.join(TWO_OBJECT_SECTIONS)} are written "
                    "for two-object scenes and were not run. The others use this organism's own scenes.")
+    untrained = [name for name, _ in steps if not set(SECTION_QUERIES.get(name, ())) <= trained]
+    if not trained & set(QUERY_NAMES):
+        untrained.insert(0, "accuracy")
+    if untrained:  # sections that would only measure answers this organism was never trained to give
+        summary["skipped_sections"] = summary.get("skipped_sections", []) + untrained
+        steps = [(name, step) for name, step in steps if name not in untrained]
+        report.add("Sections skipped for this organism",
+                   f"This organism was trained on the queries {', '.join(sorted(trained))} only; the sections "
+                   f"{', '.join(untrained)} ask others and were not run.")
     for name, step in progress_bar(steps, desc="demo", leave=True):
         t = time.perf_counter()
         with torch.enable_grad() if name in ("patching", "circuit_recovery", "spatial") else torch.no_grad():
@@ -415,6 +467,6 @@ def run_demo(model_path: str | None = None, out_dir: str = "report", n: int = 25
     summary["seconds"] = time.perf_counter() - start
     report.summary = summary
     index = report.write(out_dir)
-    print(json.dumps({k: summary[k] for k in ("accuracy", "counterfactuals")}, indent=1))
+    print(json.dumps({k: summary[k] for k in ("accuracy", "counterfactuals") if k in summary}, indent=1))
     print(f"wrote {index} and {Path(out_dir) / 'summary.json'} in {summary['seconds']:.0f} s")
     return summary

@@ -9,7 +9,7 @@ from hooked_vlm.analyses import demo, generated
 from hooked_vlm.organism import organism_record, shipped_organisms
 
 SECTIONS = ("accuracy_section", "counterfactual_section", "narrow_gate_section", "patching_section", "heads_section",
-            "binding_section", "spatial_section", "circuit_section")
+            "binding_section", "spatial_section", "circuit_section", "effects_section")
 
 
 @pytest.fixture
@@ -35,12 +35,20 @@ def test_demo_selects_sections_for_every_shipped_organism(organism, stubbed, tmp
     record = organism_record(organism)
     n_objects = record.get("task", {}).get("n_objects", 2)
     html = (tmp_path / "index.html").read_text()
-    if n_objects == 2:
-        assert "skipped_sections" not in summary and len(stubbed) == len(SECTIONS) + 1
+    trained = set(record["task"]["queries"])
+    skipped = [name for name, needs in demo.SECTION_QUERIES.items() if not set(needs) <= trained]
+    ran = {f"{name}_section" for name in ("accuracy", "counterfactual", "narrow_gate", "patching", "heads", "binding",
+                                          "spatial", "circuit", "effects")}
+    if n_objects == 2 and not skipped:
+        assert "skipped_sections" not in summary and set(stubbed) == ran | {"generated_section"}
+    elif n_objects == 2:  # trained on some queries only: the sections asking others are skipped, visibly
+        assert summary["skipped_sections"][-len(skipped):] == skipped and "Sections skipped" in html
+        assert not {f"{s.replace('counterfactuals', 'counterfactual').replace('circuit_recovery', 'circuit')}_section"
+                    for s in skipped} & set(stubbed)
     else:
         assert summary["skipped_sections"] == list(demo.TWO_OBJECT_SECTIONS) and "Sections skipped" in html
         assert set(stubbed) == {"accuracy_section", "counterfactual_section", "narrow_gate_section",
-                                "patching_section", "circuit_section"}
+                                "patching_section", "circuit_section", "effects_section"}
         for name in ("accuracy_section", "counterfactual_section", "narrow_gate_section", "patching_section"):
             assert stubbed[name][-1] == n_objects, name  # these run on the organism's own scenes
     assert ("Planted effect" in html) == ("planted_mechanism" in record)
