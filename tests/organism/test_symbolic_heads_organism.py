@@ -1,7 +1,8 @@
 """The symbolic-heads organism (2506.15871, hooked_vlm/organism/symbolic.py) and its matched negative: training is
 deterministic (resume = a straight run), the interchange hook patches exactly the planned rows, the IIT labels
 follow the three-stage mechanism, and on the shipped checkpoints the detector (analyses/effects/symbolic_heads.py)
-says yes on shapes_llava_symbolic and no on shapes_llava."""
+says yes on shapes_llava_symbolic and no on shapes_llava, and on shapes_qwen2_vl_symbolic (M-RoPE) and no on
+shapes_qwen2_vl."""
 from __future__ import annotations
 
 import numpy as np
@@ -92,32 +93,36 @@ def test_interchange_patches_exactly_the_planned_rows():
 
 
 # ---------------------------------------------------------------------------------------- shipped effect
-POSITIVE, NEGATIVE = "shapes_llava_symbolic", "shapes_llava"
+PAIRS = [("shapes_llava_symbolic", "shapes_llava", "llava"), ("shapes_qwen2_vl_symbolic", "shapes_qwen2_vl", "qwen2_vl")]
+pair = pytest.mark.parametrize("POSITIVE,NEGATIVE,FAMILY", PAIRS, ids=[p[2] for p in PAIRS])
 
 
 @pytest.fixture(scope="module")
 def planted():
     from hooked_vlm.analyses.effects.symbolic_record import planted_report
 
-    return {name: planted_report(load_organism(name), n=64) for name in (POSITIVE, NEGATIVE)}
+    return {name: planted_report(load_organism(name), n=64) for p in PAIRS for name in p[:2]}
 
 
-def test_planted_heads_attend_and_carry_the_mechanism(planted):
+@pair
+def test_planted_heads_attend_and_carry_the_mechanism(planted, POSITIVE, NEGATIVE, FAMILY):
     d = planted[POSITIVE]
     assert min(d["attention_mass"].values()) >= 0.9, d["attention_mass"]
     for stage, acc in d["interchange_accuracy"].items():  # an independent scene's head output steers the answer
         assert acc["ci_low"] >= 0.85, (stage, acc)
 
 
-def test_negative_has_no_position_ids_to_interchange(planted):
+@pair
+def test_negative_has_no_position_ids_to_interchange(planted, POSITIVE, NEGATIVE, FAMILY):
     d = planted[NEGATIVE]
     for stage in ("id_retrieval", "id_selection"):  # half of the IIT labels equal the clean answer: chance is ~0.5
         assert d["interchange_accuracy"][stage]["ci_high"] < 0.7, d["interchange_accuracy"][stage]
 
 
-def test_shipped_symbolic_record_says_what_was_planted():
+@pair
+def test_shipped_symbolic_record_says_what_was_planted(POSITIVE, NEGATIVE, FAMILY):
     record = organism_record(POSITIVE)
-    assert record["family"] == "llava" and record["training"]["task"] == "symbolic_heads"
+    assert record["family"] == FAMILY and record["training"]["task"] == "symbolic_heads"
     assert record["training"]["init_from"] == NEGATIVE and len(record["training"]["init_from_sha256"]) == 64
     assert record["ground_truth"]["2506.15871"]["expected"] == "present"
     assert organism_record(NEGATIVE)["ground_truth"]["2506.15871"]["expected"] == "absent"
@@ -130,7 +135,8 @@ def test_shipped_symbolic_record_says_what_was_planted():
 
 
 @pytest.mark.slow
-def test_detector_says_yes_on_the_positive_and_no_on_the_negative():
+@pair
+def test_detector_says_yes_on_the_positive_and_no_on_the_negative(POSITIVE, NEGATIVE, FAMILY):
     from hooked_vlm.analyses.effects import symbolic_heads
 
     pos = symbolic_heads.detect(load_organism(POSITIVE))
@@ -143,7 +149,8 @@ def test_detector_says_yes_on_the_positive_and_no_on_the_negative():
     assert pos[3].estimate >= 0.8 and pos[3].detail["random"]["value"] <= 0.1, pos[3].to_dict()
 
 
-def test_detector_verdicts_at_small_n():
+@pair
+def test_detector_verdicts_at_small_n(POSITIVE, NEGATIVE, FAMILY):
     # the fast version of the test above: 24 pairs per split, 8 random-head draws (~1 s per organism)
     from hooked_vlm.analyses.effects import symbolic_heads
 
