@@ -29,6 +29,12 @@ def pair_rows(tmp_path_factory):
 
 
 def test_runner_rows_on_the_gate_pair(pair_rows):
+    from hooked_vlm.organism import organism_record
+
+    # every paper each organism's ground truth names gets rows (shapes_qwen2_vl is also the symbolic-heads negative)
+    assert {(r["organism"], r["paper"]) for r in pair_rows} == {
+        (o, p) for o in PAIR for p in organism_record(o)["ground_truth"]}
+    pair_rows = [r for r in pair_rows if r["paper"] == "2412.06646"]
     assert [(r["organism"], r["effect"]) for r in pair_rows] == [
         (o, e) for o in PAIR for e in (narrow_gate.KNOCKOUT_EFFECT, narrow_gate.STEERING_EFFECT)]
     for r in pair_rows:
