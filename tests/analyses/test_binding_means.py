@@ -10,6 +10,7 @@ from hooked_vlm.analyses.binding import (BindingQuery, SlotPairs, add_deltas, bi
                                          mean_intervention_protocol, pad_slot, paired_deltas, per_token_delta,
                                          random_deltas, resid_names, run_with_resid, slot_activations, swap_slot)
 from hooked_vlm.analyses.toolkit import Estimate, run_cached
+from test_binding import random_organism  # noqa: F401  (the shared untrained Shapes organism fixture)
 
 
 @pytest.fixture(scope="module")
@@ -178,14 +179,6 @@ def test_factorizability_with_identical_clean_and_corrupt_is_the_identity(setup)
 
 
 # ------------------------------------------------------------------------- Shapes wiring, random organism
-@pytest.fixture(scope="module")
-def random_organism():
-    from hooked_vlm.organism.processing import build_processor
-    from hooked_vlm.organism.train import build_model
-
-    return HookedVLM.from_hf(build_model(seed=0), build_processor())
-
-
 def test_shapes_padded_slots_are_the_papers(random_organism):
     """Item slot = "item" + the letter; colour slot = the colour word + "object" (the token after it)."""
     from hooked_vlm.analyses.tasks import encode, shapes_slots

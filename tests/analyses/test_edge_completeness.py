@@ -18,7 +18,7 @@ from hooked_vlm.analyses.completeness import Completeness
 from hooked_vlm.analyses.edge_ig import input_nodes
 from hooked_vlm.analyses.edges import eap, eap_ig
 from hooked_vlm.analyses.metrics import LogitDiff
-from test_edges import _vlm
+from test_edges import _vlm, hf, linear, setup  # noqa: F401  (the same fixtures: tiny LLaVA, pair, linear model)
 from tiny import llava_inputs, tiny_llava
 
 TOL = dict(rtol=1e-8, atol=1e-9)
@@ -35,38 +35,6 @@ def test_completeness_errors_by_hand():
     mean_only = Completeness(torch.tensor(3.0), torch.tensor(4.0), per_prompt=False)
     torch.testing.assert_close(mean_only.error(), torch.tensor(0.25))
     assert torch.isnan(mean_only.prompt_error) and "rel error 0.25" in repr(mean_only)
-
-
-@pytest.fixture(scope="module")
-def hf():
-    return tiny_llava()
-
-
-@pytest.fixture(scope="module")
-def setup(hf):
-    model = HookedVLM.from_hf(hf).double()
-    clean = llava_inputs(hf, batch=2, pad_left=1, seed=0)
-    clean["pixel_values"] = clean["pixel_values"].double()
-    corrupt = dict(clean, input_ids=clean["input_ids"].clone())
-    corrupt["input_ids"][:, -3:] = (corrupt["input_ids"][:, -3:] + 5) % 60 + 1
-    corrupt["pixel_values"] = llava_inputs(hf, batch=2, pad_left=1, seed=1)["pixel_values"].double()
-    metric = LogitDiff(torch.tensor([3, 4]), torch.tensor([5, 6]), clean["attention_mask"])
-    return model, clean, corrupt, metric
-
-
-@pytest.fixture(scope="module")
-def linear(hf, setup):
-    _, clean, corrupt, metric = setup
-    model = HookedVLM.from_hf(hf).double()
-    with torch.no_grad():
-        for block in model.blocks:
-            block.mlp.down.weight.zero_()
-    names = [f"blocks.{l}.{n}" for l in range(3) for n in ("attn.hook_pattern", "ln1.hook_scale", "ln2.hook_scale")]
-    names.append("ln_final.hook_scale")
-    with torch.no_grad():
-        _, cache = model.run_with_cache(**clean, names_filter=names)
-    hooks = [(n, lambda x, hook, n=n: cache[n].to(x.dtype)) for n in names]
-    return model, clean, corrupt, metric, hooks
 
 
 def _input_sum(graph, image_path=False):
